@@ -1,0 +1,204 @@
+"""Exact, memory-lean selective scan in pure PyTorch (the ``torch`` backend; CPU default and GPU fallback).
+
+Same contract and formulas as :mod:`zigma.ops.reference`. What differs is how the work is laid out:
+
+* **Time-major, channel-last blocks.** Internally every per-state tensor is ``(L_blk, B, N, D)``: one time step
+  is one contiguous ``(B, N, D)`` slab, so the recurrence ``h_t = dA_t ⊙ h_{t-1} + x_t`` is a single in-place
+  ``addcmul_`` per step with no autograd graph, and the contractions over ``N`` are batched matmuls.
+* **Blocks along L.** ``exp(Δ'⊗A)`` and ``(Δ'u)⊗B`` are materialised only for ``L_blk`` steps at a time
+  (sized to stay cache-resident), never for the whole ``(B, D, L, N)`` volume.
+* **Recompute instead of store.** Forward keeps only the block-start states ``(n_blocks, B, N, D)`` and the
+  pre-gate output ``y``; backward re-runs each block from its start state, then runs the adjoint recurrence
+  backwards in time:
+
+      dh_t  = C_t ⊗ dy_t + dA_{t+1} ⊙ dh_{t+1}
+      dC_t  = Σ_d dy_t[d] h_t[:, d]           d(Δ'u)_t = Σ_n dh_t[n] B_t[n]      dB_t = Σ_d dh_t[:, d] (Δ'u)_t[d]
+      g_t   = dh_t ⊙ dA_t ⊙ h_{t-1}           dΔ'_t   += Σ_n g_t[n] A[n]          dA    = Σ_{t,b} g_t ⊙ Δ'_t
+
+  so peak memory is O(B·L·D + B·L_blk·D·N) instead of O(B·L·D·N).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from zigma.ops.reference import compute_dtype
+
+# Elements of one (L_blk, B, N, D) block tensor: ~2 MiB in fp32, so the 4-5 live block tensors stay in cache.
+_BLOCK_ELEMENTS = 1 << 19
+
+
+def _block_length(batch: int, n_state: int, dim: int, seqlen: int) -> int:
+    per_step = batch * n_state * dim
+    return max(1, min(seqlen, _BLOCK_ELEMENTS // per_step))
+
+
+def _time_major(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, D, L) -> contiguous (L, B, D) in ``dtype`` (a free view when x is channel-last in memory)."""
+    return x.permute(2, 0, 1).to(dtype).contiguous()
+
+
+def _states(dt: torch.Tensor, dtu: torch.Tensor, a_nd: torch.Tensor, b_ln: torch.Tensor, h0: torch.Tensor):
+    """Run the recurrence over one block.
+
+    Args:
+        dt, dtu: (T, B, D) Δ' and Δ'·u.   a_nd: (N, D) = Aᵀ.   b_ln: (T, B, N).   h0: (B, N, D) state before the block.
+
+    Returns:
+        dA: (T, B, N, D) = exp(Δ'⊗A);  h: (T, B, N, D) all states of the block.
+    """
+    d_a = torch.exp(dt[:, :, None, :] * a_nd)
+    h = dtu[:, :, None, :] * b_ln[..., None]
+    h[0].addcmul_(d_a[0], h0)
+    for t in range(1, h.shape[0]):
+        h[t].addcmul_(d_a[t], h[t - 1])
+    return d_a, h
+
+
+class SelectiveScanTorch(torch.autograd.Function):
+    """Autograd function over (u, Δ, A, B, C, D, z, delta_bias); see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+        ct = compute_dtype(u.dtype)
+        batch, dim, seqlen = u.shape
+        n_state = A.shape[1]
+        if B.dim() == 4:
+            B = B.squeeze(1)
+        if C.dim() == 4:
+            C = C.squeeze(1)
+        u_t = _time_major(u, ct)  # (L, B, D)
+        dt = _time_major(delta, ct)
+        if delta_bias is not None:
+            dt = dt + delta_bias.to(ct)
+        if delta_softplus:
+            dt = F.softplus(dt)
+        dtu = dt * u_t
+        a_nd = A.to(ct).t().contiguous()  # (N, D)
+        b_t = B.to(ct).permute(2, 0, 1).contiguous()  # (L, B, N)
+        c_t = C.to(ct).permute(2, 0, 1).contiguous()
+
+        blk = _block_length(batch, n_state, dim, seqlen)
+        starts = list(range(0, seqlen, blk))
+        block_states = u_t.new_empty(len(starts), batch, n_state, dim)
+        y = u_t.new_empty(seqlen, batch, dim)
+        h_last = u_t.new_zeros(batch, n_state, dim)
+        for k, l0 in enumerate(starts):
+            l1 = min(l0 + blk, seqlen)
+            block_states[k] = h_last
+            _, h = _states(dt[l0:l1], dtu[l0:l1], a_nd, b_t[l0:l1], h_last)
+            torch.matmul(c_t[l0:l1, :, None, :], h, out=y[l0:l1, :, None, :])
+            h_last = h[-1].clone()
+        if D is not None:
+            y.addcmul_(u_t, D.to(ct))
+        out = y if z is None else y * F.silu(_time_major(z, ct))
+
+        ctx.delta_softplus = delta_softplus
+        ctx.block = blk
+        ctx.has_d, ctx.has_z, ctx.has_bias = D is not None, z is not None, delta_bias is not None
+        ctx.bc_dims = (B.dim(), C.dim())
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, block_states, y)
+        out = out.permute(1, 2, 0).to(u.dtype)
+        if return_last_state:
+            ctx.mark_non_differentiable(h_last)
+            return out, h_last.transpose(1, 2).float()
+        return out
+
+    @staticmethod
+    def backward(ctx, dout, *_):
+        u, delta, A, B, C, D, z, delta_bias, block_states, y = ctx.saved_tensors
+        ct = y.dtype
+        batch, dim, seqlen = u.shape
+        n_state = A.shape[1]
+        blk = ctx.block
+
+        u_t = _time_major(u, ct)
+        dt_raw = _time_major(delta, ct)
+        if delta_bias is not None:
+            dt_raw = dt_raw + delta_bias.to(ct)
+        dt = F.softplus(dt_raw) if ctx.delta_softplus else dt_raw
+        dtu = dt * u_t
+        a_nd = A.to(ct).t().contiguous()
+        b_t = B.to(ct).permute(2, 0, 1).contiguous()
+        c_t = C.to(ct).permute(2, 0, 1).contiguous()
+
+        dout_t = _time_major(dout, ct)
+        dz = None
+        if z is not None:
+            z_t = _time_major(z, ct)
+            sig = torch.sigmoid(z_t)
+            silu = z_t * sig
+            dz = dout_t * y * sig * (1 + z_t * (1 - sig))  # d silu(z)/dz = σ(z)(1 + z(1 - σ(z)))
+            dy = dout_t * silu
+        else:
+            dy = dout_t
+        d_d = (dy * u_t).sum((0, 1)) if D is not None else None
+        du = dy * D.to(ct) if D is not None else torch.zeros_like(u_t)
+
+        d_dtu = torch.empty_like(u_t)
+        d_dt = torch.empty_like(u_t)
+        d_b = torch.empty_like(b_t)
+        d_c = torch.empty_like(c_t)
+        d_a = torch.zeros_like(a_nd)
+        carry = u_t.new_zeros(batch, n_state, dim)  # dA_{l1} ⊙ dh_{l1}, from the block after this one
+        starts = list(range(0, seqlen, blk))
+        for k in reversed(range(len(starts))):
+            l0 = starts[k]
+            l1 = min(l0 + blk, seqlen)
+            h0 = block_states[k]
+            dec, h = _states(dt[l0:l1], dtu[l0:l1], a_nd, b_t[l0:l1], h0)
+            dy_blk = dy[l0:l1]
+            # dC_t[n] = Σ_d h_t[n, d] dy_t[d]
+            torch.matmul(h, dy_blk[..., None], out=d_c[l0:l1, :, :, None])
+            # adjoint recurrence, in place: dh_t = C_t ⊗ dy_t + dA_{t+1} ⊙ dh_{t+1}
+            dh = c_t[l0:l1, :, :, None] * dy_blk[:, :, None, :]
+            dh[-1].add_(carry)
+            for t in range(dh.shape[0] - 2, -1, -1):
+                dh[t].addcmul_(dec[t + 1], dh[t + 1])
+            carry = dec[0] * dh[0]
+            # d(Δ'u)_t = Σ_n dh_t[n] B_t[n];  dB_t[n] = Σ_d dh_t[n, d] (Δ'u)_t[d]
+            torch.matmul(b_t[l0:l1, :, None, :], dh, out=d_dtu[l0:l1, :, None, :])
+            torch.matmul(dh, dtu[l0:l1, :, :, None], out=d_b[l0:l1, :, :, None])
+            # g_t = dh_t ⊙ dA_t ⊙ h_{t-1} (the gradient w.r.t. Δ'_t A), reusing dec's storage
+            g = dec.mul_(dh)
+            g[1:].mul_(h[:-1])
+            g[0].mul_(h0)
+            # dΔ'_t[d] = Σ_n g_t[n, d] A[d, n];  dA[d, n] = Σ_{t,b} g_t[n, d] Δ'_t[d]   (h's storage is free now)
+            torch.sum(torch.mul(g, a_nd, out=h), 2, out=d_dt[l0:l1])
+            d_a += torch.mul(g, dt[l0:l1, :, None, :], out=h).sum((0, 1))
+
+        d_dt.addcmul_(d_dtu, u_t)
+        du.addcmul_(d_dtu, dt)
+        if ctx.delta_softplus:
+            d_dt.mul_(torch.sigmoid(dt_raw))
+        d_bias = d_dt.sum((0, 1)).to(delta_bias.dtype) if delta_bias is not None else None
+
+        def back(x_t, like):  # (L, B, D) -> (B, D, L) in the input's dtype
+            return x_t.permute(1, 2, 0).to(like.dtype)
+
+        d_b = d_b.permute(1, 2, 0)
+        d_c = d_c.permute(1, 2, 0)
+        if ctx.bc_dims[0] == 4:
+            d_b = d_b.unsqueeze(1)
+        if ctx.bc_dims[1] == 4:
+            d_c = d_c.unsqueeze(1)
+        return (
+            back(du, u),
+            back(d_dt, delta),
+            d_a.t().to(A.dtype),
+            d_b.to(B.dtype),
+            d_c.to(C.dtype),
+            d_d.to(D.dtype) if d_d is not None else None,
+            back(dz, z) if dz is not None else None,
+            d_bias,
+            None,
+            None,
+        )
+
+
+def selective_scan_torch(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False
+):
+    """Pure-PyTorch selective scan with the mamba_ssm contract (see :mod:`zigma.ops.reference`)."""
+    return SelectiveScanTorch.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
