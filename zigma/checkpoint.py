@@ -171,7 +171,9 @@ def save_pretrained(model: ZigMa, directory: str | os.PathLike) -> Path:
     return directory
 
 
-def from_pretrained(directory: str | os.PathLike, *, device: str | torch.device | None = None, **overrides: Any) -> ZigMa:
+def from_pretrained(
+    directory: str | os.PathLike, *, device: str | torch.device | None = None, **overrides: Any
+) -> ZigMa:
     """Load a model written by :func:`save_pretrained` (eval mode)."""
     from safetensors.torch import load_file
 

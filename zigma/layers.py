@@ -92,7 +92,7 @@ class PatchEmbed(nn.Module):
 
 
 class TimestepEmbedder(nn.Module):
-    """t (B,) -> (B, D): 256-d sinusoid ordered [cos | sin], max period 10⁴, then Linear-SiLU-Linear (``t_embedder.mlp``)."""
+    """t (B,) -> (B, D): 256-d sinusoid [cos | sin], max period 10⁴, then Linear-SiLU-Linear (``t_embedder.mlp``)."""
 
     def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
         super().__init__()
@@ -173,7 +173,10 @@ class CrossAttention(nn.Module):
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        q, k, v = (rearrange(t, "b l (h d) -> b h l d", h=self.heads) for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
+        q, k, v = (
+            rearrange(t, "b l (h d) -> b h l d", h=self.heads)
+            for t in (self.to_q(x), self.to_k(context), self.to_v(context))
+        )
         out = F.scaled_dot_product_attention(q, k, v)
         return self.to_out(rearrange(out, "b h l d -> b l (h d)"))
 

@@ -76,7 +76,9 @@ class MambaMixer(nn.Module):
             )  # fmt: skip
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
 
-    def _ssm_parameters(self, d_conv, conv_bias, dt_init, dt_scale, dt_min, dt_max, dt_init_floor, factory, mark_dt_bias):
+    def _ssm_parameters(
+        self, d_conv, conv_bias, dt_init, dt_scale, dt_min, dt_max, dt_init_floor, factory, mark_dt_bias
+    ):
         e, device = self.d_inner, factory["device"]
         conv1d = nn.Conv1d(e, e, kernel_size=d_conv, groups=e, padding=d_conv - 1, bias=conv_bias, **factory)
         x_proj = nn.Linear(e, self.dt_rank + 2 * self.d_state, bias=False, **factory)
@@ -90,7 +92,9 @@ class MambaMixer(nn.Module):
             dt_proj.bias.copy_(_dt_bias_init(e, dt_min, dt_max, dt_init_floor, device))
         dt_proj.bias._no_reinit = mark_dt_bias
         # S4D-real: A = -[1..N] per channel, kept in fp32 and free of weight decay
-        a_log = nn.Parameter(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32, device=device)).repeat(e, 1))
+        a_log = nn.Parameter(
+            torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32, device=device)).repeat(e, 1)
+        )
         a_log._no_weight_decay = True
         d_skip = nn.Parameter(torch.ones(e, device=device))
         d_skip._no_weight_decay = True
@@ -130,7 +134,9 @@ class MambaMixer(nn.Module):
         x, z = xz.chunk(2, dim=-1)
         y = self._scan_branch(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
         if self.bidirectional:
-            y_b = self._scan_branch(x.flip(1), z.flip(1), self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b)
+            y_b = self._scan_branch(
+                x.flip(1), z.flip(1), self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b
+            )
             y = y + y_b.flip(1)
         out = self.out_proj(y)
         return out if gather is None else out[:, gather[1]]

@@ -36,7 +36,7 @@ from zigma.layers import (
     sincos_2d,
 )
 from zigma.mamba import MambaMixer
-from zigma.scan import LayerScan, ScanFamily, ScanSpec
+from zigma.scan import LayerScan, ScanFamily, ScanSpec, inverse_permutation
 
 
 class Block(nn.Module):
@@ -132,13 +132,17 @@ class ZigMa(nn.Module):
         backward_dt_bias_reinit: bool = True,
     ):
         super().__init__()
-        _check_positive(in_channels=in_channels, embed_dim=embed_dim, depth=depth, img_dim=img_dim, patch_size=patch_size)
+        _check_positive(
+            in_channels=in_channels, embed_dim=embed_dim, depth=depth, img_dim=img_dim, patch_size=patch_size
+        )
         if img_dim % patch_size:
             raise ValueError(f"patch_size={patch_size} must divide img_dim={img_dim}")
         if use_pe not in (0, 1, 2):
             raise ValueError(f"use_pe must be 0 (none), 1 (fixed sin-cos) or 2 (learned); got {use_pe!r}")
         if has_text and (not isinstance(d_context, int) or d_context <= 0):
-            raise ValueError(f"has_text=True needs d_context > 0 (the caption feature width, e.g. 768); got {d_context!r}")
+            raise ValueError(
+                f"has_text=True needs d_context > 0 (the caption feature width, e.g. 768); got {d_context!r}"
+            )
         if has_text and num_classes > 0:
             raise ValueError("has_text=True and num_classes > 0 are exclusive: a model takes captions or class labels")
         if not isinstance(video_frames, int) or video_frames < 0:
@@ -199,23 +203,29 @@ class ZigMa(nn.Module):
             self.y_embedder = LabelEmbedder(num_classes, embed_dim, cond_dropout_prob, cfg_embedding=with_null)
         if spec.family is ScanFamily.RANDOM:  # stored in checkpoints so a run's scans never change
             self.register_buffer("random_scan_paths", paths)
+            self.register_load_state_dict_post_hook(ZigMa._sync_random_paths)
 
         # drop-path: block i uses ([0] + linspace(0, rate, depth))[i]; the final add uses the full rate
-        rates = [0.0, *torch.linspace(0, drop_path_rate, depth).tolist()]
+        rates = [0.0, *torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()]
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0.0 else nn.Identity()
         norm_cls = partial(RMSNorm if rms_norm else nn.LayerNorm, eps=norm_epsilon)
         plans = spec.layer_plans(depth, grid, video_frames, paths)
         self.blocks = nn.ModuleList(
             Block(
                 embed_dim,
-                MambaMixer(embed_dim, bidirectional=plan.bidirectional, scan_backend=scan_backend,
-                           backward_dt_bias_reinit=backward_dt_bias_reinit, **(ssm_cfg or {})),
+                MambaMixer(
+                    embed_dim,
+                    bidirectional=plan.bidirectional,
+                    scan_backend=scan_backend,
+                    backward_dt_bias_reinit=backward_dt_bias_reinit,
+                    **(ssm_cfg or {}),
+                ),
                 LayerScan(plan, num_frames=video_frames),
                 has_text=has_text,
                 norm=norm_cls(embed_dim),
                 drop_path=rates[i],
                 residual_in_fp32=residual_in_fp32,
-            )  # fmt: skip
+            )
             for i, plan in enumerate(plans)
         )
         self.final_layer = FinalLayer(embed_dim, patch_size, in_channels)
@@ -247,6 +257,16 @@ class ZigMa(nn.Module):
             nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
         if isinstance(getattr(self, "y_embedder", None), TextEmbedder) and self.y_embedder.has_null:
             nn.init.normal_(self.y_embedder.null_embedding, std=0.02)
+
+    @staticmethod
+    def _sync_random_paths(module: ZigMa, incompatible_keys) -> None:
+        """After loading a checkpoint, rebuild every layer's permutation from the loaded ``random_scan_paths``."""
+        plans = module.scan_spec.layer_plans(len(module.blocks), module.img_dim // module.patch_size,
+                                             module.video_frames, module.random_scan_paths.cpu())  # fmt: skip
+        for block, plan in zip(module.blocks, plans):
+            device = block.scan.path.device
+            block.scan.path = plan.path.to(device)
+            block.scan.inverse = inverse_permutation(plan.path).to(device)
 
     @property
     def has_null_condition(self) -> bool:
@@ -286,7 +306,9 @@ class ZigMa(nn.Module):
             want = (self.in_channels, self.img_dim, self.img_dim)
             layout = "(B, C, H, W)"
         if tuple(x.shape[1:]) != want:
-            raise ValueError(f"ZigMa expects x of shape {layout} = (B, {', '.join(map(str, want))}); got {tuple(x.shape)}")
+            raise ValueError(
+                f"ZigMa expects x of shape {layout} = (B, {', '.join(map(str, want))}); got {tuple(x.shape)}"
+            )
 
     def _condition(self, t_emb, y, drop_cond):
         """Returns (c (B, D), cross-attention context (B, N, D) or None)."""

@@ -32,7 +32,7 @@ for _size, (_width, _depth) in SIZES.items():
 
 
 def create_model(name: str, **overrides: Any) -> ZigMa:
-    """Build a preset; ``overrides`` replace or complete its arguments (the size factories need in_channels, img_dim)."""
+    """Build a preset; ``overrides`` replace or complete its arguments (size factories need in_channels, img_dim)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
     return ZigMa(**{**PRESETS[name], **overrides})

@@ -2,7 +2,7 @@
 
 Backends (see :mod:`zigma.ops.reference` for the contract and formulas):
 
-* ``torch``  – exact pure PyTorch (:mod:`zigma.ops.selective_scan_torch`); CPU default and universal fallback.
+* ``torch``  – exact pure PyTorch (:mod:`zigma.ops.torch_scan`); CPU default and universal fallback.
 * ``triton`` – fused Triton kernel for CUDA tensors (:mod:`zigma.ops.triton_scan`), needs ``triton``.
 * ``cuda``   – mamba_ssm's compiled kernel, only when ``mamba_ssm`` imports and tensors are on CUDA.
 
@@ -20,7 +20,7 @@ from typing import Literal, get_args
 import torch
 
 from zigma.ops.reference import selective_scan_ref
-from zigma.ops.selective_scan_torch import selective_scan_torch
+from zigma.ops.torch_scan import selective_scan_torch
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,9 @@ def _cuda_scan_fn():
 
 @functools.cache
 def _triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None and importlib.util.find_spec("zigma.ops.triton_scan") is not None
+    return (
+        importlib.util.find_spec("triton") is not None and importlib.util.find_spec("zigma.ops.triton_scan") is not None
+    )
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:

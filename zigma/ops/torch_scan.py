@@ -64,7 +64,10 @@ class SelectiveScanTorch(torch.autograd.Function):
         ct = compute_dtype(u.dtype)
         batch, dim, seqlen = u.shape
         n_state = A.shape[1]
-        if B.dim() == 4:
+        if A.is_complex() or any(m.dim() == 4 and m.shape[1] != 1 for m in (B, C)) or B.dim() == 2:
+            raise ValueError("the torch scan backend supports real A and input-dependent B, C of shape (B, N, L)")
+        ctx.bc_dims = (B.dim(), C.dim())
+        if B.dim() == 4:  # grouped (B, G, N, L) with G = 1
             B = B.squeeze(1)
         if C.dim() == 4:
             C = C.squeeze(1)
@@ -97,12 +100,12 @@ class SelectiveScanTorch(torch.autograd.Function):
         ctx.delta_softplus = delta_softplus
         ctx.block = blk
         ctx.has_d, ctx.has_z, ctx.has_bias = D is not None, z is not None, delta_bias is not None
-        ctx.bc_dims = (B.dim(), C.dim())
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, block_states, y)
         out = out.permute(1, 2, 0).to(u.dtype)
         if return_last_state:
-            ctx.mark_non_differentiable(h_last)
-            return out, h_last.transpose(1, 2).float()
+            last_state = h_last.transpose(1, 2).contiguous()  # (B, D, N) fp32 (fp64 for fp64 inputs), as mamba_ssm
+            ctx.mark_non_differentiable(last_state)
+            return out, last_state
         return out
 
     @staticmethod
