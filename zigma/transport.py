@@ -1,0 +1,560 @@
+"""Stochastic-interpolant transport: paths, prediction targets, time sampling and the training loss.
+
+Conventions (SiT, Ma et al. 2024, arXiv 2401.08740, Eq. 1-4), used by every module of this package:
+
+- ``t`` lies in [0, 1]; **t = 0 is noise** ``x0 ~ N(0, I)`` and **t = 1 is data** ``x1``. This is the opposite of
+  rectified-flow/SD3 time.
+- ``xt = alpha_t * x1 + sigma_t * x0`` and its time derivative ``ut = d_alpha_t * x1 + d_sigma_t * x0``.
+- The network sees ``t`` as a ``(B,)`` tensor in [0, 1] (ZigMa multiplies it by 1000 in its timestep embedder).
+- A model predicts one of three fields, all functions of ``(xt, t)``:
+  velocity ``v = E[ut | xt]``; score ``s = grad log p_t(xt) = -E[x0 | xt] / sigma_t``; noise ``eps = E[x0 | xt]``.
+
+Layering follows SiT's ``transport/`` package (STYLE.md §1.2). A path (``LinearPath``, ``GVPPath``, ``VPPath``; SiT's
+``ICPlan``, ``GVPCPlan``, ``VPCPlan`` in ``path.py``) knows ``alpha_t``, ``sigma_t`` and converts velocity, score and
+noise into each other. ``Transport`` holds time sampling and the loss. ``zigma.sampling`` holds the integrators and
+takes any callable ``model_fn(x, t, **cond)``. ``create_transport`` alone maps user strings to the enums below.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from enum import Enum
+from typing import TypeVar
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DiffusionForm",
+    "GVPPath",
+    "LinearPath",
+    "LossWeight",
+    "Path",
+    "PathType",
+    "Prediction",
+    "Transport",
+    "VPPath",
+    "create_transport",
+    "default_eps",
+    "expand_t_like_x",
+    "mean_flat",
+    "parse_choice",
+]
+
+
+class PathType(Enum):
+    """Interpolation path between noise (t = 0) and data (t = 1)."""
+
+    LINEAR = "Linear"  # alpha_t = t, sigma_t = 1 - t
+    GVP = "GVP"  # alpha_t = sin(pi t / 2), sigma_t = cos(pi t / 2)
+    VP = "VP"  # variance-preserving SDE path (score-based diffusion, Song et al. 2021)
+
+
+class Prediction(Enum):
+    """What the network outputs."""
+
+    VELOCITY = "velocity"  # E[ut | xt]
+    SCORE = "score"  # grad log p_t(xt)
+    NOISE = "noise"  # E[x0 | xt]
+
+
+class LossWeight(Enum):
+    """Loss weighting for score and noise predictions (SiT ``WeightType``); velocity prediction is never weighted."""
+
+    NONE = "none"  # 1
+    VELOCITY = "velocity"  # (g2_t / sigma_t)^2
+    LIKELIHOOD = "likelihood"  # g2_t / sigma_t^2
+
+
+class DiffusionForm(Enum):
+    """Form of the SDE diffusion coefficient w_t (SiT Table 2 and ``path.py::compute_diffusion``)."""
+
+    CONSTANT = "constant"  # norm
+    SBDM = "SBDM"  # norm * g2_t (matches score-based diffusion; infinite at t = 0 on Linear/GVP)
+    SIGMA = "sigma"  # norm * sigma_t
+    LINEAR = "linear"  # norm * (1 - t)
+    DECREASING = "decreasing"  # 0.25 * (norm * cos(pi t) + 1)^2
+    INCREASING_DECREASING = "increasing-decreasing"  # norm * sin(pi t)^2
+
+
+_E = TypeVar("_E", bound=Enum)
+
+
+def parse_choice(choices: type[_E], value: _E | str, *, argument: str) -> _E:
+    """Map a user string (case-insensitive enum value or name, ``-`` and ``_`` alike) to a member of ``choices``.
+
+    Args:
+        choices: the Enum class that declares the allowed values.
+        value: a member of ``choices`` or its spelling, e.g. ``"linear"`` or ``"Linear"`` for ``PathType.LINEAR``.
+        argument: the argument name, used in the error message.
+    Returns: the matching member.
+    Raises:
+        ValueError: naming the argument, the value received and the allowed values.
+    """
+    if isinstance(value, choices):
+        return value
+    if isinstance(value, str):
+        key = value.strip().lower().replace("_", "-")
+        for member in choices:
+            if key in (member.value.lower(), member.name.lower().replace("_", "-")):
+                return member
+    allowed = ", ".join(repr(m.value) for m in choices)
+    raise ValueError(f"{argument}={value!r} is not a valid {choices.__name__}; allowed values: {allowed}")
+
+
+def expand_t_like_x(t: Tensor, x: Tensor) -> Tensor:
+    """Reshape a per-sample time (B,) to (B, 1, ..., 1) so it broadcasts against x (B, *S)."""
+    return t.reshape(t.shape[0], *([1] * (x.ndim - 1)))
+
+
+def mean_flat(x: Tensor) -> Tensor:
+    """Mean over every non-batch dimension: (B, *S) -> (B,). Works for images (B, C, H, W) and video (B, T, C, H, W)."""
+    return x.mean(dim=tuple(range(1, x.ndim)))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Paths: alpha_t, sigma_t and the conversions between velocity, score and noise.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class Path:
+    """An interpolation path xt = alpha_t x1 + sigma_t x0: alpha_0 = 0 (VP: ~0), sigma_0 = 1, alpha_1 = 1, sigma_1 = 0.
+
+    Subclasses define ``compute_alpha_t`` and ``compute_sigma_t`` and, where the generic quotients are unstable, the
+    two ratios. Every method below works elementwise; ``t`` arguments of the conversion methods are (B,) and the
+    field arguments (B, *S).
+
+    Derivation (SiT Eq. 9; all expectations given xt = x): from x = alpha E[x1] + sigma E[x0] and
+    v = d_alpha E[x1] + d_sigma E[x0] = (d_alpha / alpha) x + (d_sigma - (d_alpha / alpha) sigma) E[x0], and
+    E[x0] = -sigma s, we get v = f + g2 s with f = (d_alpha / alpha) x and
+    g2 = (d_alpha / alpha) sigma^2 - sigma d_sigma.
+    """
+
+    name: str = "path"
+    # True when alpha, sigma, d_alpha, d_sigma are finite on all of [0, 1] (Linear, GVP). VP's d_sigma_t diverges at
+    # t = 1, so VP never integrates or trains up to t = 1 (SiT ``check_interval``).
+    regular_at_ends: bool = True
+
+    def compute_alpha_t(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Data coefficient and its derivative: (alpha_t, d_alpha_t), both shaped like t."""
+        raise NotImplementedError
+
+    def compute_sigma_t(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Noise coefficient and its derivative: (sigma_t, d_sigma_t), both shaped like t."""
+        raise NotImplementedError
+
+    def compute_d_alpha_alpha_ratio_t(self, t: Tensor) -> Tensor:
+        """d_alpha_t / alpha_t, shaped like t (infinite at t = 0 where alpha_0 = 0)."""
+        alpha_t, d_alpha_t = self.compute_alpha_t(t)
+        return d_alpha_t / alpha_t
+
+    def compute_alpha_d_alpha_ratio_t(self, t: Tensor) -> Tensor:
+        """alpha_t / d_alpha_t, shaped like t; finite at t = 0, which lets velocity -> score work there."""
+        alpha_t, d_alpha_t = self.compute_alpha_t(t)
+        return alpha_t / d_alpha_t
+
+    def compute_drift(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Split the probability-flow velocity as v = f + g2 * score.
+
+        Args:
+            x: xt (B, *S); t: (B,).
+        Returns: (f, g2) with f = (d_alpha_t / alpha_t) x of shape (B, *S) and
+            g2 = (d_alpha_t / alpha_t) sigma_t^2 - sigma_t d_sigma_t of shape (B, 1, ..., 1).
+            (SiT's ``compute_drift`` returns (-f, g2); g2 is the SBDM diffusion, "beta_t" in SiT Table 2.)
+        """
+        t = expand_t_like_x(t, x)
+        return self.compute_d_alpha_alpha_ratio_t(t) * x, self.compute_g2_t(t)
+
+    def compute_g2_t(self, t: Tensor) -> Tensor:
+        """g2_t = (d_alpha_t / alpha_t) sigma_t^2 - sigma_t d_sigma_t, shaped like t (the score's factor in v)."""
+        sigma_t, d_sigma_t = self.compute_sigma_t(t)
+        return self.compute_d_alpha_alpha_ratio_t(t) * sigma_t**2 - sigma_t * d_sigma_t
+
+    def compute_diffusion(self, t: Tensor, form: DiffusionForm | str, norm: float = 1.0) -> Tensor:
+        """SDE diffusion coefficient w_t for the sampler x <- x + (v + w_t s) dt + sqrt(2 w_t) dW (SiT Eq. 4).
+
+        Args:
+            t: times of any shape; form: a ``DiffusionForm`` or its name; norm: its magnitude.
+        Returns: w_t shaped like t. Only the chosen form is evaluated.
+        """
+        form = parse_choice(DiffusionForm, form, argument="diffusion_form")
+        if form is DiffusionForm.CONSTANT:
+            return torch.full_like(t, norm)
+        if form is DiffusionForm.SBDM:
+            return norm * self.compute_g2_t(t)
+        if form is DiffusionForm.SIGMA:
+            return norm * self.compute_sigma_t(t)[0]
+        if form is DiffusionForm.LINEAR:
+            return norm * (1 - t)
+        if form is DiffusionForm.DECREASING:
+            return 0.25 * (norm * torch.cos(math.pi * t) + 1) ** 2
+        return norm * torch.sin(math.pi * t) ** 2  # DiffusionForm.INCREASING_DECREASING
+
+    def plan(self, t: Tensor, x0: Tensor, x1: Tensor) -> tuple[Tensor, Tensor]:
+        """Point and target on the path: xt = alpha_t x1 + sigma_t x0, ut = d_alpha_t x1 + d_sigma_t x0.
+
+        Args:
+            t: (B,) in [0, 1]; x0: noise (B, *S); x1: data (B, *S).
+        Returns: (xt, ut), both (B, *S).
+        """
+        t = expand_t_like_x(t, x1)
+        alpha_t, d_alpha_t = self.compute_alpha_t(t)
+        sigma_t, d_sigma_t = self.compute_sigma_t(t)
+        return alpha_t * x1 + sigma_t * x0, d_alpha_t * x1 + d_sigma_t * x0
+
+    # Conversions. velocity -> score/noise use alpha / d_alpha (finite at t = 0); score/noise -> velocity use
+    # d_alpha / alpha (infinite at t = 0 on Linear/GVP, which is why those predictions sample on [eps, 1 - eps]).
+
+    def get_score_from_velocity(self, velocity: Tensor, x: Tensor, t: Tensor) -> Tensor:
+        """Score s = (r v - x) / (sigma_t^2 - r d_sigma_t sigma_t) with r = alpha_t / d_alpha_t; (B, *S)."""
+        t = expand_t_like_x(t, x)
+        r = self.compute_alpha_d_alpha_ratio_t(t)
+        sigma_t, d_sigma_t = self.compute_sigma_t(t)
+        return (r * velocity - x) / (sigma_t**2 - r * d_sigma_t * sigma_t)
+
+    def get_noise_from_velocity(self, velocity: Tensor, x: Tensor, t: Tensor) -> Tensor:
+        """Noise eps = (r v - x) / (r d_sigma_t - sigma_t), r = alpha_t / d_alpha_t; (B, *S) from (B, *S), (B,)."""
+        t = expand_t_like_x(t, x)
+        r = self.compute_alpha_d_alpha_ratio_t(t)
+        sigma_t, d_sigma_t = self.compute_sigma_t(t)
+        return (r * velocity - x) / (r * d_sigma_t - sigma_t)
+
+    def get_velocity_from_score(self, score: Tensor, x: Tensor, t: Tensor) -> Tensor:
+        """Velocity v = f + g2 s (see ``compute_drift``); (B, *S) from (B, *S), (B,)."""
+        f, g2 = self.compute_drift(x, t)
+        return f + g2 * score
+
+    def get_velocity_from_noise(self, noise: Tensor, x: Tensor, t: Tensor) -> Tensor:
+        """Velocity v = (d_alpha_t / alpha_t) x + (d_sigma_t - (d_alpha_t / alpha_t) sigma_t) eps; (B, *S)."""
+        t = expand_t_like_x(t, x)
+        q = self.compute_d_alpha_alpha_ratio_t(t)
+        sigma_t, d_sigma_t = self.compute_sigma_t(t)
+        return q * x + (d_sigma_t - q * sigma_t) * noise
+
+    def get_score_from_noise(self, noise: Tensor, x: Tensor, t: Tensor) -> Tensor:
+        """Score s = -eps / sigma_t; (B, *S). ``x`` is unused and kept for a uniform signature."""
+        return -noise / self.compute_sigma_t(expand_t_like_x(t, x))[0]
+
+    def get_noise_from_score(self, score: Tensor, x: Tensor, t: Tensor) -> Tensor:
+        """Noise eps = -sigma_t s; (B, *S). ``x`` is unused and kept for a uniform signature."""
+        return -self.compute_sigma_t(expand_t_like_x(t, x))[0] * score
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class LinearPath(Path):
+    """Linear interpolant (SiT ``ICPlan``): alpha_t = t, sigma_t = 1 - t, ut = x1 - x0."""
+
+    name = "Linear"
+
+    def compute_alpha_t(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        return t, torch.ones_like(t)
+
+    def compute_sigma_t(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        return 1 - t, -torch.ones_like(t)
+
+    def compute_d_alpha_alpha_ratio_t(self, t: Tensor) -> Tensor:
+        return 1 / t
+
+    def compute_alpha_d_alpha_ratio_t(self, t: Tensor) -> Tensor:
+        return t
+
+
+class GVPPath(Path):
+    """Generalised variance-preserving path (SiT ``GVPCPlan``): alpha_t = sin(pi t / 2), sigma_t = cos(pi t / 2)."""
+
+    name = "GVP"
+
+    def compute_alpha_t(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        return torch.sin(t * math.pi / 2), math.pi / 2 * torch.cos(t * math.pi / 2)
+
+    def compute_sigma_t(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        return torch.cos(t * math.pi / 2), -math.pi / 2 * torch.sin(t * math.pi / 2)
+
+    def compute_d_alpha_alpha_ratio_t(self, t: Tensor) -> Tensor:
+        return math.pi / (2 * torch.tan(t * math.pi / 2))
+
+    def compute_alpha_d_alpha_ratio_t(self, t: Tensor) -> Tensor:
+        return 2 / math.pi * torch.tan(t * math.pi / 2)
+
+
+class VPPath(Path):
+    """Variance-preserving path (SiT ``VPCPlan``, Song et al. 2021 VP-SDE with time reversed, t = 1 data).
+
+    log alpha_t = -1/4 (1 - t)^2 (sigma_max - sigma_min) - 1/2 (1 - t) sigma_min, sigma_t = sqrt(1 - alpha_t^2),
+    d log alpha_t / dt = beta_t / 2 with beta_t = sigma_min + (1 - t)(sigma_max - sigma_min).
+    alpha_0 = exp(-5.025) ~ 6.6e-3 with the defaults, so t = 0 is noise only up to that factor (as upstream).
+    """
+
+    name = "VP"
+    regular_at_ends = False  # d_sigma_t = -alpha_t d_alpha_t / sigma_t diverges at t = 1
+
+    def __init__(self, sigma_min: float = 0.1, sigma_max: float = 20.0):
+        self.sigma_min = sigma_min
+        self.sigma_max = sigma_max
+
+    def _log_mean_coeff(self, t: Tensor) -> Tensor:
+        return -0.25 * (1 - t) ** 2 * (self.sigma_max - self.sigma_min) - 0.5 * (1 - t) * self.sigma_min
+
+    def _half_beta(self, t: Tensor) -> Tensor:
+        """d log alpha_t / dt = beta_t / 2."""
+        return 0.5 * (1 - t) * (self.sigma_max - self.sigma_min) + 0.5 * self.sigma_min
+
+    def compute_alpha_t(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        alpha_t = torch.exp(self._log_mean_coeff(t))
+        return alpha_t, alpha_t * self._half_beta(t)
+
+    def compute_sigma_t(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        alpha_sq = torch.exp(2 * self._log_mean_coeff(t))
+        sigma_t = torch.sqrt(1 - alpha_sq)
+        return sigma_t, -alpha_sq * self._half_beta(t) / sigma_t
+
+    def compute_d_alpha_alpha_ratio_t(self, t: Tensor) -> Tensor:
+        return self._half_beta(t)
+
+    def compute_alpha_d_alpha_ratio_t(self, t: Tensor) -> Tensor:
+        return 1 / self._half_beta(t)
+
+    def compute_g2_t(self, t: Tensor) -> Tensor:
+        """g2_t = beta_t / 2: the generic formula simplified with alpha_t^2 + sigma_t^2 = 1."""
+        return self._half_beta(t)
+
+    def __repr__(self) -> str:
+        return f"VPPath(sigma_min={self.sigma_min}, sigma_max={self.sigma_max})"
+
+
+_PATHS: dict[PathType, type[Path]] = {PathType.LINEAR: LinearPath, PathType.GVP: GVPPath, PathType.VP: VPPath}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Transport: time interval, time sampling, training loss, output conversion.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def default_eps(path_type: PathType, prediction: Prediction) -> tuple[float, float]:
+    """Upstream (SiT ``create_transport``) defaults for (train_eps, sample_eps).
+
+    VP: (1e-5, 1e-3). Linear/GVP with score or noise prediction: (1e-3, 1e-3). Linear/GVP velocity: (0, 0), since the
+    velocity is finite on all of [0, 1].
+    """
+    if path_type is PathType.VP:
+        return 1e-5, 1e-3
+    if prediction is not Prediction.VELOCITY:
+        return 1e-3, 1e-3
+    return 0.0, 0.0
+
+
+class Transport:
+    """Training objective and time interval of one (path, prediction, loss weight) choice.
+
+    Build it with ``create_transport``; the constructor takes enums only.
+
+    Args:
+        path_type: the interpolation path.
+        prediction: what the model outputs.
+        loss_weight: weighting of the score/noise losses; must be ``LossWeight.NONE`` for velocity prediction.
+        train_eps: margin kept away from the singular ends of [0, 1] when training (see ``check_interval``).
+        sample_eps: the same margin for sampling and likelihood.
+    """
+
+    def __init__(
+        self,
+        *,
+        path_type: PathType,
+        prediction: Prediction,
+        loss_weight: LossWeight,
+        train_eps: float,
+        sample_eps: float,
+    ):
+        for name, eps in (("train_eps", train_eps), ("sample_eps", sample_eps)):
+            if not (isinstance(eps, (int, float)) and 0 <= eps < 0.5):
+                raise ValueError(f"{name}={eps!r} must be a number in [0, 0.5)")
+        if prediction is Prediction.VELOCITY and loss_weight is not LossWeight.NONE:
+            raise ValueError(
+                f"loss_weight={loss_weight.value!r} has no effect with prediction='velocity' (the velocity loss is "
+                "never weighted); use loss_weight=None, or prediction='score' or 'noise'"
+            )
+        self.path_type = path_type
+        self.prediction = prediction
+        self.loss_weight = loss_weight
+        self.train_eps = float(train_eps)
+        self.sample_eps = float(sample_eps)
+        self.path: Path = _PATHS[path_type]()
+
+    def __repr__(self) -> str:
+        return (
+            f"Transport(path_type={self.path_type.value!r}, prediction={self.prediction.value!r}, "
+            f"loss_weight={self.loss_weight.value!r}, train_eps={self.train_eps}, sample_eps={self.sample_eps})"
+        )
+
+    def check_interval(
+        self,
+        *,
+        sde: bool = False,
+        sampling: bool = False,
+        reverse: bool = False,
+        diffusion_form: DiffusionForm | str | None = None,
+        last_step_size: float = 0.0,
+    ) -> tuple[float, float]:
+        """Time interval [t0, t1] for training, ODE/SDE sampling or likelihood (SiT ``Transport.check_interval``).
+
+        With eps = sample_eps if ``sampling`` else train_eps, and t1_end = 1 - last_step_size for an SDE with a last
+        step, else 1 - eps:
+
+        - VP (not regular at t = 1): t0 = 0, t1 = t1_end.
+        - Linear/GVP with score/noise prediction, or any SDE: t0 = eps if (SDE with SBDM diffusion) or score/noise
+          prediction else 0; t1 = t1_end.
+        - Linear/GVP velocity ODE or training: [0, 1].
+
+        Args:
+            sde: the interval of an SDE sampler. sampling: use sample_eps instead of train_eps.
+            reverse: return (t1, t0), the interval of a data -> noise integration. (SiT returns (1 - t0, 1 - t1),
+                which for VP starts at the singular t = 1; we simply swap the ends.)
+            diffusion_form: the SDE diffusion form (only SBDM changes t0). last_step_size: SDE last-step size.
+        Returns: (t0, t1) as Python floats; t0 < t1 unless ``reverse``.
+        """
+        if diffusion_form is not None:
+            diffusion_form = parse_choice(DiffusionForm, diffusion_form, argument="diffusion_form")
+        eps = self.sample_eps if sampling else self.train_eps
+        t0, t1 = 0.0, 1.0
+        t1_end = 1.0 - last_step_size if (sde and last_step_size > 0) else 1.0 - eps
+        if not self.path.regular_at_ends:
+            t1 = t1_end
+        elif self.prediction is not Prediction.VELOCITY or sde:
+            needs_t0 = (sde and diffusion_form is DiffusionForm.SBDM) or self.prediction is not Prediction.VELOCITY
+            t0 = eps if needs_t0 else 0.0
+            t1 = t1_end
+        return (t1, t0) if reverse else (t0, t1)
+
+    def sample_time(
+        self,
+        batch_size: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Training times t ~ U[t0, t1] with the training interval of ``check_interval``; (batch_size,) in ``dtype``."""
+        t0, t1 = self.check_interval()
+        u = torch.rand(batch_size, device=device, dtype=dtype, generator=generator)
+        return u * (t1 - t0) + t0
+
+    def prior_logp(self, z: Tensor) -> Tensor:
+        """log N(z; 0, I) summed over the non-batch dims: -D/2 log(2 pi) - |z|^2 / 2; (B,) from z (B, *S)."""
+        dim = z[0].numel()
+        return -0.5 * dim * math.log(2 * math.pi) - 0.5 * z.flatten(1).pow(2).sum(dim=1)
+
+    def velocity_from_output(self, output: Tensor, x: Tensor, t: Tensor) -> Tensor:
+        """Convert a model output (B, *S) at (x (B, *S), t (B,)) to a velocity (B, *S) according to ``prediction``."""
+        if self.prediction is Prediction.VELOCITY:
+            return output
+        if self.prediction is Prediction.SCORE:
+            return self.path.get_velocity_from_score(output, x, t)
+        return self.path.get_velocity_from_noise(output, x, t)
+
+    def score_from_output(self, output: Tensor, x: Tensor, t: Tensor) -> Tensor:
+        """Convert a model output (B, *S) at (x (B, *S), t (B,)) to a score (B, *S) according to ``prediction``."""
+        if self.prediction is Prediction.VELOCITY:
+            return self.path.get_score_from_velocity(output, x, t)
+        if self.prediction is Prediction.SCORE:
+            return output
+        return self.path.get_score_from_noise(output, x, t)
+
+    def loss_weight_t(self, x: Tensor, t: Tensor) -> Tensor:
+        """Loss weight (B, 1, ..., 1): 1, (g2_t / sigma_t)^2 ("velocity") or g2_t / sigma_t^2 ("likelihood")."""
+        if self.loss_weight is LossWeight.NONE:
+            return torch.ones_like(expand_t_like_x(t, x))
+        _, g2 = self.path.compute_drift(x, t)
+        sigma_t = self.path.compute_sigma_t(expand_t_like_x(t, x))[0]
+        if self.loss_weight is LossWeight.VELOCITY:
+            return (g2 / sigma_t) ** 2
+        return g2 / sigma_t**2
+
+    def training_losses(
+        self,
+        model_fn: Callable[..., Tensor],
+        x1: Tensor,
+        *,
+        t: Tensor | float | None = None,
+        x0: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        **cond,
+    ) -> dict[str, Tensor]:
+        """Per-sample loss of ``model_fn`` on data ``x1`` (SiT ``Transport.training_losses``).
+
+        velocity: loss = mean_flat((v - ut)^2); noise: mean_flat(w_t (eps - x0)^2); score: mean_flat(w_t (sigma_t s +
+        x0)^2), where w_t is ``loss_weight_t``.
+
+        Args:
+            model_fn: called once as ``model_fn(xt, t, **cond)`` with xt (B, *S) and t (B,); returns (B, *S).
+            x1: data (B, *S), e.g. latents (B, C, H, W) or video latents (B, T, C, H, W).
+            t: optional fixed times, (B,) or a float (for validation with fixed draws); default ``sample_time``.
+            x0: optional fixed noise (B, *S); default N(0, I).
+            generator: random generator for t and x0 when they are drawn here.
+            **cond: conditioning passed to the model (e.g. ``y``, ``drop_cond``).
+        Returns: dict with ``loss`` (B,), ``pred`` (model output), ``t`` (B,), ``x0``, ``xt``, ``ut`` (all (B, *S)).
+            t is float32 (float64 if x1 is), whatever x1's dtype.
+        Raises:
+            ValueError: when t, x0 or the model output do not have the expected shape.
+        """
+        batch = x1.shape[0]
+        t_dtype = torch.promote_types(x1.dtype, torch.float32)
+        if t is None:
+            t = self.sample_time(batch, device=x1.device, dtype=t_dtype, generator=generator)
+        else:
+            t = torch.as_tensor(t, device=x1.device, dtype=t_dtype)
+            t = t.expand(batch) if t.ndim == 0 else t
+            if t.shape != (batch,):
+                raise ValueError(f"t must be a float or have shape ({batch},), got {tuple(t.shape)}")
+        if x0 is None:
+            x0 = torch.randn(x1.shape, device=x1.device, dtype=x1.dtype, generator=generator)
+        elif x0.shape != x1.shape:
+            raise ValueError(f"x0 must have x1's shape {tuple(x1.shape)}, got {tuple(x0.shape)}")
+        xt, ut = self.path.plan(t, x0, x1)
+        pred = model_fn(xt, t, **cond)
+        if pred.shape != xt.shape:
+            raise ValueError(f"model output has shape {tuple(pred.shape)}; expected the input's {tuple(xt.shape)}")
+        if self.prediction is Prediction.VELOCITY:
+            loss = mean_flat((pred - ut) ** 2)
+        elif self.prediction is Prediction.NOISE:
+            loss = mean_flat(self.loss_weight_t(xt, t) * (pred - x0) ** 2)
+        else:
+            sigma_t = self.path.compute_sigma_t(expand_t_like_x(t, xt))[0]
+            loss = mean_flat(self.loss_weight_t(xt, t) * (sigma_t * pred + x0) ** 2)
+        return {"loss": loss, "pred": pred, "t": t, "x0": x0, "xt": xt, "ut": ut}
+
+
+def create_transport(
+    path_type: PathType | str = "Linear",
+    prediction: Prediction | str = "velocity",
+    loss_weight: LossWeight | str | None = None,
+    train_eps: float | None = None,
+    sample_eps: float | None = None,
+) -> Transport:
+    """Build a ``Transport`` from user strings (SiT ``create_transport``, without its silent fallbacks).
+
+    Args:
+        path_type: "Linear", "GVP" or "VP" (case-insensitive).
+        prediction: "velocity", "score" or "noise".
+        loss_weight: None (= "none"), "velocity" or "likelihood"; only for score and noise prediction.
+        train_eps, sample_eps: margins of ``Transport.check_interval``; each None takes ``default_eps``. Unlike
+            SiT, values given here are always honoured (SiT resets them to 0 for Linear/GVP velocity and reads
+            sample_eps's default from train_eps).
+    Returns: the Transport.
+    Raises:
+        ValueError: for an unknown name (listing the allowed values), a loss weight with velocity prediction, or an
+            eps outside [0, 0.5).
+    """
+    path = parse_choice(PathType, path_type, argument="path_type")
+    pred = parse_choice(Prediction, prediction, argument="prediction")
+    weight = LossWeight.NONE if loss_weight is None else parse_choice(LossWeight, loss_weight, argument="loss_weight")
+    default_train, default_sample = default_eps(path, pred)
+    return Transport(
+        path_type=path,
+        prediction=pred,
+        loss_weight=weight,
+        train_eps=default_train if train_eps is None else train_eps,
+        sample_eps=default_sample if sample_eps is None else sample_eps,
+    )
