@@ -1,0 +1,57 @@
+"""What every ZigMa DataModule shares: the batch contract, the facts the model is checked against, and the
+``predict`` requests (which samples to generate).
+
+Batch contract: a dict with ``"x"`` (B, C, H, W) or (B, T, C, H, W) in the model's space (pixels in [-1, 1] or
+scaled latents) and, for conditional data, ``"y"``: class ids (B,) or caption features (B, N, d_context).
+Predict batches: ``{"index": (B,) global sample indices, "y": labels or None}``.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+
+class SampleRequests(Dataset):
+    """``count`` sample requests; class-conditional data draws a label per sample from ``seed``."""
+
+    def __init__(self, count: int, num_classes: int = 0, seed: int = 0):
+        if count < 1:
+            raise ValueError(f"num_predict_samples must be >= 1; got {count}")
+        self.count = count
+        self.labels = None
+        if num_classes > 0:
+            self.labels = torch.randint(num_classes, (count,), generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> dict:
+        item = {"index": torch.tensor(index)}
+        if self.labels is not None:
+            item["y"] = self.labels[index]
+        return item
+
+
+class ZigMaDataModule(L.LightningDataModule):
+    """Base class: subclasses set ``sample_shape`` and, if conditional, ``num_classes`` / ``context_dim``."""
+
+    sample_shape: tuple[int, ...] = ()
+    num_classes: int = 0
+    context_dim: int = 0  # > 0: captions (B, N, context_dim)
+
+    def __init__(self, num_predict_samples: int = 16, predict_batch_size: int = 16, predict_seed: int = 0):
+        super().__init__()
+        self.num_predict_samples = num_predict_samples
+        self.predict_batch_size = predict_batch_size
+        self.predict_seed = predict_seed
+
+    def predict_dataloader(self) -> DataLoader:
+        requests = SampleRequests(self.num_predict_samples, self.num_classes, self.predict_seed)
+        return DataLoader(requests, batch_size=self.predict_batch_size, shuffle=False)
+
+
+def batch_size(batch: dict) -> int:
+    """Samples in a training/validation (``x``) or predict (``index``) batch, for Lightning's ThroughputMonitor."""
+    return int((batch["x"] if "x" in batch else batch["index"]).shape[0])

@@ -1,0 +1,300 @@
+"""The one LightningModule: flow matching (SiT stochastic interpolants) around the ZigMa backbone.
+
+It owns the backbone (``model``), its EMA copy (``ema``), the transport and sampler, and the optimizer/LR schedule.
+Batches are dicts ``{"x": data, "y": condition (optional)}`` (see ``datamodules.base``); ``predict`` batches are
+``{"index": sample ids, "y": labels (optional)}``. All sampling and evaluation uses the EMA weights.
+
+Why not Lightning's ``EMAWeightAveraging``: it deep-copies the whole LightningModule (any frozen VAE/metric network
+attached to it), swaps the averaged weights into the live model for all of validation (so a checkpoint written then
+would hold swapped weights) and has no warm-up. Our EMA is a frozen copy of the backbone only (``zigma.ema``), updated
+after each optimizer step; nothing is ever swapped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import typing
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch import nn
+
+from zigma.ema import EMA
+from zigma.flops import training_flops_per_sample
+from zigma.model import ZigMa
+from zigma.presets import PRESETS
+from zigma.sampling import Sampler, SampleResult, classifier_free_guidance
+from zigma.transport import create_transport
+
+LrSchedule = Literal["constant", "cosine"]
+SampleMode = Literal["ode", "sde"]
+
+# parameters never decayed (besides every tensor with < 2 dims: biases, norm weights, D, dt bias)
+_NO_DECAY_NAMES = ("pos_embed", "temporal_pos_embedding", "embedding_table", "null_embedding")
+
+
+def _zigma_arguments_dataclass():
+    """A keyword-only dataclass mirroring ``ZigMa.__init__`` (every field optional, None = not given).
+
+    Typing ``net`` with it lets LightningCLI merge ``model.net`` across config files key by key, list the keys in
+    ``--help`` and reject unknown ones; it is generated so the signature is spelled once, in ``ZigMa``.
+    """
+    hints = typing.get_type_hints(ZigMa.__init__)
+    fields = [
+        (name, hints[name] | None, dataclasses.field(default=None))
+        for name in inspect.signature(ZigMa.__init__).parameters
+        if name not in ("self", "device", "dtype")
+    ]
+    cls = dataclasses.make_dataclass("ZigMaArgs", fields, kw_only=True)
+    cls.__module__ = __name__  # importable as zigma.flow_module.ZigMaArgs (jsonargparse resolves it by path)
+    return cls
+
+
+ZigMaArgs = _zigma_arguments_dataclass()
+
+
+def _given(net: Any) -> dict[str, Any]:
+    """ZigMaArgs or a plain dict -> dict of the arguments actually given."""
+    if dataclasses.is_dataclass(net):
+        return {k: v for k, v in dataclasses.asdict(net).items() if v is not None}
+    return dict(net or {})
+
+
+def build_backbone(net: dict[str, Any] | None, preset: str | None, cond_dropout_prob: float | None) -> ZigMa:
+    """ZigMa from a preset and/or explicit arguments; conditional models default to 10% condition dropout (CFG)."""
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"model.preset={preset!r} is not one of {sorted(PRESETS)}")
+    kwargs = {**(PRESETS[preset] if preset else {}), **_given(net)}
+    if not kwargs:
+        raise ValueError("model.net (ZigMa arguments) or model.preset must be given")
+    conditional = kwargs.get("has_text", False) or kwargs.get("num_classes", -1) > 0
+    if cond_dropout_prob is None:
+        cond_dropout_prob = kwargs.get("cond_dropout_prob", 0.1 if conditional else 0.0)
+    kwargs["cond_dropout_prob"] = cond_dropout_prob if conditional else 0.0
+    return ZigMa(**kwargs)
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no decay for A_log, D, norms, biases, embeddings and positional tables."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        skip = param.ndim < 2 or getattr(param, "_no_weight_decay", False) or any(k in name for k in _NO_DECAY_NAMES)
+        (no_decay if skip else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_lambda(step: int, warmup_steps: int, total_steps: int, schedule: str, min_lr_ratio: float) -> float:
+    """Linear warm-up to 1 over ``warmup_steps``, then 1 (constant) or a cosine decay to ``min_lr_ratio``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant" or total_steps <= warmup_steps:
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class FlowMatchingModule(L.LightningModule):
+    """Flow-matching training of ZigMa.
+
+    Args:
+        net: ZigMa constructor arguments (override ``preset``'s).
+        preset: a name from ``zigma.PRESETS`` (e.g. ``zigzag8_b1_pe2``).
+        path_type, prediction, loss_weight, train_eps, sample_eps: the transport (``zigma.transport``).
+        lr, weight_decay, betas, adam_eps: AdamW (parameter groups: no decay on A_log, D, norms, biases, embeddings).
+        warmup_steps, lr_schedule, min_lr_ratio: linear warm-up, then constant or cosine to ``min_lr_ratio``·lr over
+            the run's optimizer steps.
+        ema_decay, ema_warmup, ema_update_every, ema_start_step: the EMA (``zigma.ema``).
+        cond_dropout_prob: label/caption dropout for classifier-free guidance (default 0.1 for conditional models).
+        allow_tf32: TF32 matmuls/convolutions on Ampere+ GPUs.
+        sample_mode, sample_method, sample_steps, guidance_scale, sample_seed, atol, rtol, diffusion_form,
+            diffusion_norm, last_step, last_step_size: how ``generate``/``predict`` sample (ODE via torchdiffeq or SDE).
+        val_seed: seed of the fixed (noise, t) draws of the validation loss.
+    """
+
+    def __init__(
+        self,
+        net: ZigMaArgs | None = None,  # a plain dict works too (Python API, checkpoint hparams)
+        preset: str | None = None,
+        path_type: str = "Linear",
+        prediction: str = "velocity",
+        loss_weight: str | None = None,
+        train_eps: float | None = None,
+        sample_eps: float | None = None,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        adam_eps: float = 1e-8,
+        warmup_steps: int = 0,
+        lr_schedule: LrSchedule = "constant",
+        min_lr_ratio: float = 0.0,
+        ema_decay: float = 0.9999,
+        ema_warmup: bool = False,
+        ema_update_every: int = 1,
+        ema_start_step: int = 0,
+        cond_dropout_prob: float | None = None,
+        allow_tf32: bool = True,
+        sample_mode: SampleMode = "ode",
+        sample_method: str = "euler",
+        sample_steps: int = 50,
+        guidance_scale: float = 1.0,
+        sample_seed: int = 0,
+        atol: float = 1e-6,
+        rtol: float = 1e-3,
+        diffusion_form: str = "sigma",
+        diffusion_norm: float = 1.0,
+        last_step: str | None = "Mean",
+        last_step_size: float = 0.04,
+        val_seed: int = 1234,
+    ):
+        super().__init__()
+        net = _given(net)  # plain types in the checkpoint's hyper-parameters
+        self.save_hyperparameters()
+        if lr <= 0:
+            raise ValueError(f"model.lr must be > 0; got {lr}")
+        if warmup_steps < 0:
+            raise ValueError(f"model.warmup_steps must be >= 0; got {warmup_steps}")
+        if lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"model.lr_schedule must be 'constant' or 'cosine'; got {lr_schedule!r}")
+        if sample_mode not in ("ode", "sde"):
+            raise ValueError(f"model.sample_mode must be 'ode' or 'sde'; got {sample_mode!r}")
+        self.model = build_backbone(net, preset, cond_dropout_prob)
+        self.ema = EMA(self.model, ema_decay, ema_warmup, ema_update_every, ema_start_step)
+        self.transport = create_transport(path_type, prediction, loss_weight, train_eps, sample_eps)
+        self.sampler = Sampler(self.transport)
+        self._sample_fn = self._make_sampler(sample_mode, sample_method, sample_steps)  # validates the names now
+        if guidance_scale != 1.0 and not self.model.has_null_condition:
+            raise ValueError(
+                f"model.guidance_scale={guidance_scale} needs a conditional model trained with condition dropout "
+                "(model.cond_dropout_prob > 0); use guidance_scale 1.0"
+            )
+        self._flops_per_sample = training_flops_per_sample(self.model)
+        self.flops_per_batch: int | None = None  # read by Lightning's ThroughputMonitor
+
+    # ----------------------------------------------------------------------------------------------------- sampling
+    def _make_sampler(self, mode: str, method: str, steps: int):
+        hp = self.hparams
+        if mode == "sde":
+            return self.sampler.sample_sde(method=method, diffusion_form=hp.diffusion_form,
+                                           diffusion_norm=hp.diffusion_norm, last_step=hp.last_step,
+                                           last_step_size=hp.last_step_size, num_steps=steps)  # fmt: skip
+        return self.sampler.sample_ode(method=method, num_steps=steps, atol=hp.atol, rtol=hp.rtol)
+
+    def noise(self, indices: torch.Tensor, seed: int | None = None) -> torch.Tensor:
+        """Starting noise (B, *sample_shape) for global sample ``indices``: sample i is the same whatever the batch."""
+        seed = self.hparams.sample_seed if seed is None else seed
+        shape = self.sample_shape
+        draws = [
+            torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + int(i))) for i in indices
+        ]
+        return torch.stack(draws).to(self.device)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        m = self.model
+        frame = (m.in_channels, m.img_dim, m.img_dim)
+        return (m.video_frames, *frame) if m.video_frames > 0 else frame
+
+    @torch.no_grad()
+    def generate(self, x0: torch.Tensor, y: torch.Tensor | None = None, *, mode: str | None = None,
+                 method: str | None = None, num_steps: int | None = None,
+                 guidance_scale: float | None = None) -> SampleResult:  # fmt: skip
+        """Sample from noise ``x0`` with the EMA weights (defaults from the hyper-parameters)."""
+        hp = self.hparams
+        if mode is None and method is None and num_steps is None:
+            sample = self._sample_fn
+        else:
+            sample = self._make_sampler(
+                mode or hp.sample_mode, method or hp.sample_method, num_steps or hp.sample_steps
+            )
+        scale = hp.guidance_scale if guidance_scale is None else guidance_scale
+        model_fn = self.ema.network
+        if self.model.is_conditional:
+            model_fn = classifier_free_guidance(model_fn, scale)
+        cond = {"y": y} if y is not None else {}
+        return sample(x0, model_fn, **cond)
+
+    # ----------------------------------------------------------------------------------------------------- training
+    @staticmethod
+    def _condition(batch: dict) -> dict:
+        return {"y": batch["y"]} if batch.get("y") is not None else {}
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        self.flops_per_batch = self._flops_per_sample * batch["x"].shape[0]
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        x = batch["x"]
+        terms = self.transport.training_losses(self.model, x, **self._condition(batch))
+        loss = terms["loss"].mean()
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=x.shape[0])
+        self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False, prog_bar=True)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Log the total gradient norm before clipping (gradients are already unscaled under 16-mixed)."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if grads:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            self.log("grad_norm", norm, on_step=True, on_epoch=False)
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """Step, then update the EMA at once: callbacks' ``on_train_batch_end`` (ModelCheckpoint) run before the
+        module's, so an update there would be missing from the checkpoint written at this step."""
+        super().optimizer_step(*args, **kwargs)
+        if self.ema.should_update(self.trainer.global_step + 1):  # global_step counts this step only afterwards
+            self.ema.update(self.model)
+
+    # --------------------------------------------------------------------------------------------------- evaluation
+    def _fixed_draws(self, x: torch.Tensor, batch_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(noise, t) depending only on ``val_seed`` and the batch index, so validation losses are comparable."""
+        gen = torch.Generator().manual_seed(self.hparams.val_seed + batch_idx)
+        x0 = torch.randn(x.shape, generator=gen).to(x)
+        t = self.transport.sample_time(x.shape[0], generator=gen).to(x.device)
+        return x0, t
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        x = batch["x"]
+        x0, t = self._fixed_draws(x, batch_idx)
+        terms = self.transport.training_losses(self.ema.network, x, x0=x0, t=t, **self._condition(batch))
+        self.log("val/loss", terms["loss"].mean(), prog_bar=True, sync_dist=True, batch_size=x.shape[0])
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        x = batch["x"]
+        x0, t = self._fixed_draws(x, batch_idx)
+        terms = self.transport.training_losses(self.ema.network, x, x0=x0, t=t, **self._condition(batch))
+        self.log("test/loss", terms["loss"].mean(), sync_dist=True, batch_size=x.shape[0])
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        indices = batch["index"]
+        y = batch.get("y")
+        result = self.generate(self.noise(indices), y)
+        return {"index": indices.cpu(), "samples": result.x.float().cpu(), "y": None if y is None else y.cpu(),
+                "nfe": result.nfe}  # fmt: skip
+
+    # ------------------------------------------------------------------------------------------------ optimisation
+    def setup(self, stage: str) -> None:
+        if torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = self.hparams.allow_tf32
+            torch.backends.cudnn.allow_tf32 = self.hparams.allow_tf32
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(parameter_groups(self.model, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas),
+                                      eps=hp.adam_eps)  # fmt: skip
+        total = (
+            int(self.trainer.estimated_stepping_batches)
+            if self.trainer.max_steps != -1 or hp.lr_schedule == "cosine"
+            else 0
+        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_lambda(step, hp.warmup_steps, total, hp.lr_schedule, hp.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Record the architecture and scan order in plain types next to the weights."""
+        checkpoint["zigma"] = {"config": dict(self.model.config), "scan": self.model.scan_spec.canonical_name()}
