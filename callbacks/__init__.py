@@ -1,5 +1,6 @@
 """Lightning callbacks for ZigMa runs: sample grids and prediction writers."""
 
+from callbacks.performance import PerformanceSwitches
 from callbacks.samples import SampleGridLogger, SampleWriter
 
-__all__ = ["SampleGridLogger", "SampleWriter"]
+__all__ = ["PerformanceSwitches", "SampleGridLogger", "SampleWriter"]

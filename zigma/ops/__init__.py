@@ -88,6 +88,13 @@ def resolve_backend(backend: str, device_type: str) -> str:
     return chosen
 
 
+@torch.compiler.assume_constant_result
+def _resolve_backend_traced(backend: str, device_type: str) -> str:
+    """:func:`resolve_backend` for ``selective_scan``: torch.compile runs it once at trace time and bakes in the
+    chosen name (tracing into it would graph-break on ``log.info``, ``importlib`` and ``functools.cache``)."""
+    return resolve_backend(backend, device_type)
+
+
 def selective_scan(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -106,7 +113,7 @@ def selective_scan(
 
     See :mod:`zigma.ops.reference` for shapes and formulas; ``backend`` selects the implementation.
     """
-    chosen = resolve_backend(backend, u.device.type)
+    chosen = _resolve_backend_traced(backend, u.device.type)
     if chosen == "cuda":
         fn = _cuda_scan_fn()
     elif chosen == "triton":

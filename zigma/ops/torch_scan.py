@@ -16,6 +16,12 @@ Same contract and formulas as :mod:`zigma.ops.reference`. What differs is how th
       g_t   = dh_t ⊙ dA_t ⊙ h_{t-1}           dΔ'_t   += Σ_n g_t[n] A[n]          dA    = Σ_{t,b} g_t ⊙ Δ'_t
 
   so peak memory is O(B·L·D + B·L_blk·D·N) instead of O(B·L·D·N).
+
+Forward and backward are registered as ``torch.ops.zigma.selective_scan_torch_fwd`` / ``selective_scan_torch_bwd``
+(``torch.library.custom_op`` with fake and autograd registrations, like :mod:`zigma.ops.triton_scan`), so
+``torch.compile`` keeps each scan as one opaque node instead of tracing the Python time loops: a model using this
+backend compiles with ``fullgraph=True`` (``tests/zigma/test_compile.py``). Eager results are those of the former
+``autograd.Function``, bit for bit.
 """
 
 from __future__ import annotations
@@ -56,152 +62,236 @@ def _states(dt: torch.Tensor, dtu: torch.Tensor, a_nd: torch.Tensor, b_ln: torch
     return d_a, h
 
 
-class SelectiveScanTorch(torch.autograd.Function):
-    """Autograd function over (u, Δ, A, B, C, D, z, delta_bias); see the module docstring."""
+def _check_supported(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> None:
+    if A.is_complex() or any(m.dim() == 4 and m.shape[1] != 1 for m in (B, C)) or B.dim() == 2:
+        raise ValueError("the torch scan backend supports real A and input-dependent B, C of shape (B, N, L)")
 
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
-        ct = compute_dtype(u.dtype)
-        batch, dim, seqlen = u.shape
-        n_state = A.shape[1]
-        if A.is_complex() or any(m.dim() == 4 and m.shape[1] != 1 for m in (B, C)) or B.dim() == 2:
-            raise ValueError("the torch scan backend supports real A and input-dependent B, C of shape (B, N, L)")
-        ctx.bc_dims = (B.dim(), C.dim())
-        if B.dim() == 4:  # grouped (B, G, N, L) with G = 1
-            B = B.squeeze(1)
-        if C.dim() == 4:
-            C = C.squeeze(1)
-        u_t = _time_major(u, ct)  # (L, B, D)
-        dt = _time_major(delta, ct)
-        if delta_bias is not None:
-            dt = dt + delta_bias.to(ct)
-        if delta_softplus:
-            dt = F.softplus(dt)
-        dtu = dt * u_t
-        a_nd = A.to(ct).t().contiguous()  # (N, D)
-        b_t = B.to(ct).permute(2, 0, 1).contiguous()  # (L, B, N)
-        c_t = C.to(ct).permute(2, 0, 1).contiguous()
 
-        blk = _block_length(batch, n_state, dim, seqlen)
-        starts = list(range(0, seqlen, blk))
-        block_states = u_t.new_empty(len(starts), batch, n_state, dim)
-        y = u_t.new_empty(seqlen, batch, dim)
-        h_last = u_t.new_zeros(batch, n_state, dim)
-        for k, l0 in enumerate(starts):
-            l1 = min(l0 + blk, seqlen)
-            block_states[k] = h_last
-            _, h = _states(dt[l0:l1], dtu[l0:l1], a_nd, b_t[l0:l1], h_last)
-            torch.matmul(c_t[l0:l1, :, None, :], h, out=y[l0:l1, :, None, :])
-            h_last = h[-1].clone()
-        if D is not None:
-            y.addcmul_(u_t, D.to(ct))
-        out = y if z is None else y * F.silu(_time_major(z, ct))
+def _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, blk):
+    """Forward over blocks of ``blk`` steps; B, C are (B, N, L). Returns the four outputs of the forward op."""
+    ct = compute_dtype(u.dtype)
+    batch, dim, seqlen = u.shape
+    n_state = A.shape[1]
+    u_t = _time_major(u, ct)  # (L, B, D)
+    dt = _time_major(delta, ct)
+    if delta_bias is not None:
+        dt = dt + delta_bias.to(ct)
+    if delta_softplus:
+        dt = F.softplus(dt)
+    dtu = dt * u_t
+    a_nd = A.to(ct).t().contiguous()  # (N, D)
+    b_t = B.to(ct).permute(2, 0, 1).contiguous()  # (L, B, N)
+    c_t = C.to(ct).permute(2, 0, 1).contiguous()
 
-        ctx.delta_softplus = delta_softplus
-        ctx.block = blk
-        ctx.has_d, ctx.has_z, ctx.has_bias = D is not None, z is not None, delta_bias is not None
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, block_states, y)
-        out = out.permute(1, 2, 0).to(u.dtype)
-        if return_last_state:
-            last_state = h_last.transpose(1, 2).contiguous()  # (B, D, N) fp32 (fp64 for fp64 inputs), as mamba_ssm
-            ctx.mark_non_differentiable(last_state)
-            return out, last_state
-        return out
+    starts = list(range(0, seqlen, blk))
+    block_states = u_t.new_empty(len(starts), batch, n_state, dim)
+    y = u_t.new_empty(seqlen, batch, dim)
+    h_last = u_t.new_zeros(batch, n_state, dim)
+    for k, l0 in enumerate(starts):
+        l1 = min(l0 + blk, seqlen)
+        block_states[k] = h_last
+        _, h = _states(dt[l0:l1], dtu[l0:l1], a_nd, b_t[l0:l1], h_last)
+        torch.matmul(c_t[l0:l1, :, None, :], h, out=y[l0:l1, :, None, :])
+        h_last = h[-1].clone()
+    if D is not None:
+        y.addcmul_(u_t, D.to(ct))
+    out = y if z is None else y * F.silu(_time_major(z, ct))
+    # (B, D, N) fp32 (fp64 for fp64 inputs), as mamba_ssm; a fresh contiguous buffer even when N or D is 1
+    last_state = h_last.transpose(1, 2).clone(memory_format=torch.contiguous_format)
+    # y (pre-gate) is needed by backward only for dz; without z, out may *be* y, and an op output may not alias another
+    return out.to(u.dtype), last_state, block_states, y if z is not None else u_t.new_empty(0)
 
-    @staticmethod
-    def backward(ctx, dout, *_):
-        u, delta, A, B, C, D, z, delta_bias, block_states, y = ctx.saved_tensors
-        ct = y.dtype
-        batch, dim, seqlen = u.shape
-        n_state = A.shape[1]
-        blk = ctx.block
 
-        u_t = _time_major(u, ct)
-        dt_raw = _time_major(delta, ct)
-        if delta_bias is not None:
-            dt_raw = dt_raw + delta_bias.to(ct)
-        dt = F.softplus(dt_raw) if ctx.delta_softplus else dt_raw
-        dtu = dt * u_t
-        a_nd = A.to(ct).t().contiguous()
-        b_t = B.to(ct).permute(2, 0, 1).contiguous()
-        c_t = C.to(ct).permute(2, 0, 1).contiguous()
+def _scan_backward(dout_t, u, delta, A, B, C, D, z, delta_bias, block_states, y, delta_softplus, blk):
+    """Gradients from dout_t (L, B, D); B, C are (B, N, L). Returns the eight outputs of the backward op."""
+    ct = block_states.dtype
+    batch, dim, seqlen = u.shape
+    n_state = A.shape[1]
 
-        dout_t = _time_major(dout, ct)
-        dz = None
-        if z is not None:
-            z_t = _time_major(z, ct)
-            sig = torch.sigmoid(z_t)
-            silu = z_t * sig
-            dz = dout_t * y * sig * (1 + z_t * (1 - sig))  # d silu(z)/dz = σ(z)(1 + z(1 - σ(z)))
-            dy = dout_t * silu
-        else:
-            dy = dout_t
-        d_d = (dy * u_t).sum((0, 1)) if D is not None else None
-        du = dy * D.to(ct) if D is not None else torch.zeros_like(u_t)
+    u_t = _time_major(u, ct)
+    dt_raw = _time_major(delta, ct)
+    if delta_bias is not None:
+        dt_raw = dt_raw + delta_bias.to(ct)
+    dt = F.softplus(dt_raw) if delta_softplus else dt_raw
+    dtu = dt * u_t
+    a_nd = A.to(ct).t().contiguous()
+    b_t = B.to(ct).permute(2, 0, 1).contiguous()
+    c_t = C.to(ct).permute(2, 0, 1).contiguous()
 
-        d_dtu = torch.empty_like(u_t)
-        d_dt = torch.empty_like(u_t)
-        d_b = torch.empty_like(b_t)
-        d_c = torch.empty_like(c_t)
-        d_a = torch.zeros_like(a_nd)
-        carry = u_t.new_zeros(batch, n_state, dim)  # dA_{l1} ⊙ dh_{l1}, from the block after this one
-        starts = list(range(0, seqlen, blk))
-        for k in reversed(range(len(starts))):
-            l0 = starts[k]
-            l1 = min(l0 + blk, seqlen)
-            h0 = block_states[k]
-            dec, h = _states(dt[l0:l1], dtu[l0:l1], a_nd, b_t[l0:l1], h0)
-            dy_blk = dy[l0:l1]
-            # dC_t[n] = Σ_d h_t[n, d] dy_t[d]
-            torch.matmul(h, dy_blk[..., None], out=d_c[l0:l1, :, :, None])
-            # adjoint recurrence, in place: dh_t = C_t ⊗ dy_t + dA_{t+1} ⊙ dh_{t+1}
-            dh = c_t[l0:l1, :, :, None] * dy_blk[:, :, None, :]
-            dh[-1].add_(carry)
-            for t in range(dh.shape[0] - 2, -1, -1):
-                dh[t].addcmul_(dec[t + 1], dh[t + 1])
-            carry = dec[0] * dh[0]
-            # d(Δ'u)_t = Σ_n dh_t[n] B_t[n];  dB_t[n] = Σ_d dh_t[n, d] (Δ'u)_t[d]
-            torch.matmul(b_t[l0:l1, :, None, :], dh, out=d_dtu[l0:l1, :, None, :])
-            torch.matmul(dh, dtu[l0:l1, :, :, None], out=d_b[l0:l1, :, :, None])
-            # g_t = dh_t ⊙ dA_t ⊙ h_{t-1} (the gradient w.r.t. Δ'_t A), reusing dec's storage
-            g = dec.mul_(dh)
-            g[1:].mul_(h[:-1])
-            g[0].mul_(h0)
-            # dΔ'_t[d] = Σ_n g_t[n, d] A[d, n];  dA[d, n] = Σ_{t,b} g_t[n, d] Δ'_t[d]   (h's storage is free now)
-            torch.sum(torch.mul(g, a_nd, out=h), 2, out=d_dt[l0:l1])
-            d_a += torch.mul(g, dt[l0:l1, :, None, :], out=h).sum((0, 1))
+    dout_t = dout_t.to(ct).contiguous()
+    dz = None
+    if z is not None:
+        z_t = _time_major(z, ct)
+        sig = torch.sigmoid(z_t)
+        silu = z_t * sig
+        dz = dout_t * y * sig * (1 + z_t * (1 - sig))  # d silu(z)/dz = σ(z)(1 + z(1 - σ(z)))
+        dy = dout_t * silu
+    else:
+        dy = dout_t
+    d_d = (dy * u_t).sum((0, 1)) if D is not None else None
+    du = dy * D.to(ct) if D is not None else torch.zeros_like(u_t)
 
-        d_dt.addcmul_(d_dtu, u_t)
-        du.addcmul_(d_dtu, dt)
-        if ctx.delta_softplus:
-            d_dt.mul_(torch.sigmoid(dt_raw))
-        d_bias = d_dt.sum((0, 1)).to(delta_bias.dtype) if delta_bias is not None else None
+    d_dtu = torch.empty_like(u_t)
+    d_dt = torch.empty_like(u_t)
+    d_b = torch.empty_like(b_t)
+    d_c = torch.empty_like(c_t)
+    d_a = torch.zeros_like(a_nd)
+    carry = u_t.new_zeros(batch, n_state, dim)  # dA_{l1} ⊙ dh_{l1}, from the block after this one
+    starts = list(range(0, seqlen, blk))
+    for k in reversed(range(len(starts))):
+        l0 = starts[k]
+        l1 = min(l0 + blk, seqlen)
+        h0 = block_states[k]
+        dec, h = _states(dt[l0:l1], dtu[l0:l1], a_nd, b_t[l0:l1], h0)
+        dy_blk = dy[l0:l1]
+        # dC_t[n] = Σ_d h_t[n, d] dy_t[d]
+        torch.matmul(h, dy_blk[..., None], out=d_c[l0:l1, :, :, None])
+        # adjoint recurrence, in place: dh_t = C_t ⊗ dy_t + dA_{t+1} ⊙ dh_{t+1}
+        dh = c_t[l0:l1, :, :, None] * dy_blk[:, :, None, :]
+        dh[-1].add_(carry)
+        for t in range(dh.shape[0] - 2, -1, -1):
+            dh[t].addcmul_(dec[t + 1], dh[t + 1])
+        carry = dec[0] * dh[0]
+        # d(Δ'u)_t = Σ_n dh_t[n] B_t[n];  dB_t[n] = Σ_d dh_t[n, d] (Δ'u)_t[d]
+        torch.matmul(b_t[l0:l1, :, None, :], dh, out=d_dtu[l0:l1, :, None, :])
+        torch.matmul(dh, dtu[l0:l1, :, :, None], out=d_b[l0:l1, :, :, None])
+        # g_t = dh_t ⊙ dA_t ⊙ h_{t-1} (the gradient w.r.t. Δ'_t A), reusing dec's storage
+        g = dec.mul_(dh)
+        g[1:].mul_(h[:-1])
+        g[0].mul_(h0)
+        # dΔ'_t[d] = Σ_n g_t[n, d] A[d, n];  dA[d, n] = Σ_{t,b} g_t[n, d] Δ'_t[d]   (h's storage is free now)
+        torch.sum(torch.mul(g, a_nd, out=h), 2, out=d_dt[l0:l1])
+        d_a += torch.mul(g, dt[l0:l1, :, None, :], out=h).sum((0, 1))
 
-        def back(x_t, like):  # (L, B, D) -> (B, D, L) in the input's dtype
-            return x_t.permute(1, 2, 0).to(like.dtype)
+    d_dt.addcmul_(d_dtu, u_t)
+    du.addcmul_(d_dtu, dt)
+    if delta_softplus:
+        d_dt.mul_(torch.sigmoid(dt_raw))
+    return (
+        du.to(u.dtype),
+        d_dt.to(delta.dtype),
+        d_a.to(A.dtype),
+        d_b.to(B.dtype),
+        d_c.to(C.dtype),
+        d_d.to(D.dtype) if d_d is not None else A.new_empty(0),
+        dz.to(z.dtype) if dz is not None else u.new_empty(0),
+        d_dt.sum((0, 1)).to(delta_bias.dtype) if delta_bias is not None else A.new_empty(0),
+    )
 
-        d_b = d_b.permute(1, 2, 0)
-        d_c = d_c.permute(1, 2, 0)
-        if ctx.bc_dims[0] == 4:
-            d_b = d_b.unsqueeze(1)
-        if ctx.bc_dims[1] == 4:
-            d_c = d_c.unsqueeze(1)
-        return (
-            back(du, u),
-            back(d_dt, delta),
-            d_a.t().to(A.dtype),
-            d_b.to(B.dtype),
-            d_c.to(C.dtype),
-            d_d.to(D.dtype) if d_d is not None else None,
-            back(dz, z) if dz is not None else None,
-            d_bias,
-            None,
-            None,
-        )
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch.library custom ops: opaque to torch.compile (Dynamo does not trace the Python time loops above, so a model
+# using this backend compiles with fullgraph=True), with fake (shape) and autograd registrations, as triton_scan.py.
+# Ops never return None or alias an input or another output: absent gradients are empty (0,) tensors, and every
+# buffer is returned contiguous and time-major; the (B, D, L) views are taken outside the ops.
+# ---------------------------------------------------------------------------------------------------------------
+_FWD_SCHEMA = (
+    "(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, "
+    "bool delta_softplus, int block) -> (Tensor, Tensor, Tensor, Tensor)"
+)
+_BWD_SCHEMA = (
+    "(Tensor dout, Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, "
+    "Tensor block_states, Tensor y, bool delta_softplus, int block) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+
+
+@torch.library.custom_op("zigma::selective_scan_torch_fwd", mutates_args=(), schema=_FWD_SCHEMA)
+def _selective_scan_torch_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, block):
+    """u, delta, z (B, D, L); A (D, N); B, C (B, N, L); ``block`` steps per block. Returns out (L, B, D) in u's dtype,
+    last_state (B, D, N), the block-start states (ceil(L / block), B, N, D) and the pre-gate y (L, B, D), or an
+    empty (0,) tensor without z; the last three in the compute dtype (fp32, fp64 for fp64 inputs)."""
+    return _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, block)
+
+
+@_selective_scan_torch_fwd.register_fake
+def _selective_scan_torch_fwd_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, block):
+    ct = compute_dtype(u.dtype)
+    batch, dim, seqlen = u.shape
+    n_state = A.shape[1]
+    n_blocks = (seqlen + block - 1) // block
+    return (
+        u.new_empty(seqlen, batch, dim),
+        u.new_empty(batch, dim, n_state, dtype=ct),
+        u.new_empty(n_blocks, batch, n_state, dim, dtype=ct),
+        u.new_empty((seqlen, batch, dim) if z is not None else (0,), dtype=ct),
+    )
+
+
+@torch.library.custom_op("zigma::selective_scan_torch_bwd", mutates_args=(), schema=_BWD_SCHEMA)
+def _selective_scan_torch_bwd(dout, u, delta, A, B, C, D, z, delta_bias, block_states, y, delta_softplus, block):
+    """dout (L, B, D). Returns du, ddelta, dz (L, B, D); dA (N, D); dB, dC (L, B, N); dD, d delta_bias (D,); each
+    contiguous in its input's dtype, and an empty (0,) tensor for an absent D, z or delta_bias."""
+    return _scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, block_states, y, delta_softplus, block)
+
+
+@_selective_scan_torch_bwd.register_fake
+def _selective_scan_torch_bwd_fake(dout, u, delta, A, B, C, D, z, delta_bias, block_states, y, delta_softplus,
+                                   block):  # fmt: skip
+    batch, dim, seqlen = u.shape
+    n_state = A.shape[1]
+    return (
+        u.new_empty(seqlen, batch, dim),
+        delta.new_empty(seqlen, batch, dim),
+        A.new_empty(n_state, dim),
+        B.new_empty(seqlen, batch, n_state),
+        C.new_empty(seqlen, batch, n_state),
+        D.new_empty(dim) if D is not None else A.new_empty(0),
+        z.new_empty(seqlen, batch, dim) if z is not None else u.new_empty(0),
+        delta_bias.new_empty(dim) if delta_bias is not None else A.new_empty(0),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, block = inputs
+    _, last_state, block_states, y = output
+    ctx.mark_non_differentiable(last_state, block_states, y)
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, block_states, y)
+    ctx.delta_softplus = delta_softplus
+    ctx.block = block
+
+
+def _backward(ctx, dout, _d_last_state, _d_block_states, _d_y):
+    u, delta, A, B, C, D, z, delta_bias, block_states, y = ctx.saved_tensors
+    du, ddelta, dA, dB, dC, dD, dz, dbias = _selective_scan_torch_bwd(
+        dout, u, delta, A, B, C, D, z, delta_bias, block_states, y, ctx.delta_softplus, ctx.block
+    )
+    return (
+        du.permute(1, 2, 0),  # (L, B, D) -> (B, D, L)
+        ddelta.permute(1, 2, 0),
+        dA.t(),  # (N, D) -> (D, N)
+        dB.permute(1, 2, 0),  # (L, B, N) -> (B, N, L)
+        dC.permute(1, 2, 0),
+        dD if D is not None else None,
+        dz.permute(1, 2, 0) if z is not None else None,
+        dbias if delta_bias is not None else None,
+        None,
+        None,
+    )
+
+
+_selective_scan_torch_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def selective_scan_torch(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False
 ):
-    """Pure-PyTorch selective scan with the mamba_ssm contract (see :mod:`zigma.ops.reference`)."""
-    return SelectiveScanTorch.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    """Pure-PyTorch selective scan with the mamba_ssm contract (see :mod:`zigma.ops.reference`).
+
+    Runs as the custom op ``torch.ops.zigma.selective_scan_torch_fwd`` (backward: ``..._bwd``), so
+    ``torch.compile`` treats it as one opaque node. Returns out (B, D, L) in u's dtype (a view of a time-major
+    buffer) and, with ``return_last_state``, last_state (B, D, N) fp32 (fp64 for fp64 inputs), without gradient.
+
+    Raises:
+        ValueError: for a complex A, grouped B/C with more than one group, or input-independent (2-dim) B.
+    """
+    _check_supported(A, B, C)
+    if B.dim() == 4:  # grouped (B, G, N, L) with G = 1; autograd unsqueezes dB back
+        B = B.squeeze(1)
+    if C.dim() == 4:
+        C = C.squeeze(1)
+    batch, dim, seqlen = u.shape
+    blk = _block_length(batch, A.shape[1], dim, seqlen)
+    out, last_state, _, _ = _selective_scan_torch_fwd(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), blk)
+    out = out.permute(1, 2, 0)  # (L, B, D) -> (B, D, L)
+    return (out, last_state) if return_last_state else out
