@@ -30,8 +30,8 @@ def main() -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "cli.py", "fit", "--config", "configs/quickstart.yaml",
-               "--trainer.logger.init_args.save_dir", tmp, "--trainer.enable_progress_bar", "false", *args.extra]  # fmt: skip
+        cmd = [sys.executable, "cli.py", "fit", "--config", "configs/quickstart.yaml"]
+        cmd += ["--trainer.logger.init_args.save_dir", tmp, "--trainer.enable_progress_bar", "false", *args.extra]
         start = time.perf_counter()
         subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
         wall = time.perf_counter() - start
