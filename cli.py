@@ -1,10 +1,13 @@
 """ZigMa command line: ``python cli.py fit|validate|test|predict --config configs/...yaml [--key value ...]``.
 
 A LightningCLI over :class:`zigma.flow_module.FlowMatchingModule` and the DataModules in ``datamodules``. Beyond
-Lightning's defaults it (1) resolves ``--ckpt_path last`` to the newest checkpoint of the run that loads, and keeps
-writing to that run's TensorBoard directory; (2) overwrites the saved ``config.yaml`` on resume instead of failing;
-(3) checks that the model fits the data before any step; (4) reports configuration errors in one line
-(set ``ZIGMA_DEBUG=1`` for the traceback).
+Lightning's defaults it (1) resolves ``--ckpt_path last`` to the newest checkpoint of the run that loads (step
+checkpoints, ``last.ckpt`` and SLURM preemption ``hpc_ckpt_*.ckpt`` alike; a truncated or corrupt newest file is
+reported and skipped), and keeps writing to that run's TensorBoard directory; (2) overwrites the saved
+``config.yaml`` on resume instead of failing; (3) writes checkpoints atomically (``AtomicCheckpointIO``);
+(4) under SLURM, enables ``SLURMEnvironment(auto_requeue=True)``, pins the run directory to the job id and resumes
+by default, so a preempted job saves, requeues itself and continues the same run; (5) checks that the model fits the
+data before any step; (6) reports configuration errors in one line (``ZIGMA_DEBUG=1`` for the traceback).
 """
 
 from __future__ import annotations
@@ -16,9 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from callbacks import SampleWriter
+from callbacks.checkpoint_io import AtomicCheckpointIO
 from datamodules import ZigMaDataModule
 from zigma.flow_module import FlowMatchingModule
 
@@ -45,17 +52,26 @@ def _loads(path: Path) -> bool:
 
 
 def find_resume_checkpoint(run_root: Path) -> Path | None:
-    """Newest checkpoint under ``run_root/*/checkpoints`` (or ``run_root/checkpoints``) that loads, by mtime."""
-    candidates = sorted(
-        [
-            *run_root.glob("*/checkpoints/*.ckpt"),
-            *run_root.glob("checkpoints/*.ckpt"),
-            *run_root.glob("hpc_ckpt_*.ckpt"),
-        ],
-        key=lambda p: p.stat().st_mtime,
-        reverse=True,
-    )
-    return next((path for path in candidates if _loads(path)), None)
+    """Newest checkpoint of the runs under ``run_root`` that loads, by modification time.
+
+    Candidates: ``<run>/checkpoints/*.ckpt`` (step checkpoints and ``last.ckpt``) and ``<run>/hpc_ckpt_*.ckpt``
+    (SLURM preemption), for every run directory under ``run_root``, plus ``run_root`` itself as a run directory.
+    """
+    patterns = ("*/checkpoints/*.ckpt", "*/hpc_ckpt_*.ckpt", "checkpoints/*.ckpt", "hpc_ckpt_*.ckpt")
+    candidates = {p for pattern in patterns for p in run_root.glob(pattern) if p.is_file()}
+    for path in sorted(candidates, key=lambda p: p.stat().st_mtime, reverse=True):
+        if _loads(path):
+            return path
+    return None
+
+
+def slurm_job_tag() -> str | None:
+    """A run-directory name stable across requeues of one SLURM job (array jobs: job_task), or None off SLURM."""
+    if not SLURMEnvironment.detect():
+        return None
+    array_job, array_task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    job = f"{array_job}_{array_task}" if array_job and array_task else os.environ["SLURM_JOB_ID"]
+    return f"slurm_{job}"
 
 
 def _logger_dirs(trainer_cfg: Any) -> tuple[Path, Any] | None:
@@ -80,11 +96,53 @@ class ZigMaCLI(LightningCLI):
         if sub is None:
             return
         cfg = self.config[sub]
+        if sub == "fit":
+            self._setup_slurm_run(cfg)
         ckpt_path = cfg.get("ckpt_path")
         if ckpt_path == "last":
             self._resolve_last(cfg)
         elif ckpt_path and ckpt_path not in ("best", "hpc") and not Path(ckpt_path).is_file():
             raise ConfigError(f"ckpt_path={ckpt_path!r}: file not found (or use 'last' to resume the newest run)")
+
+    def _setup_slurm_run(self, cfg) -> None:
+        """Under SLURM: one run directory per job (stable across requeues) holding its hpc checkpoints, and a requeued
+        job resumes from the newest good checkpoint of its own run (Lightning's ``ckpt_path="last"`` would ignore
+        ``hpc_ckpt_*``). A new job starts a new run unless ``--ckpt_path last`` (newest run) or a path is given."""
+        tag = slurm_job_tag()
+        if tag is None:
+            return
+        ntasks = int(os.environ.get("SLURM_NTASKS", "1"))
+        devices, nodes = cfg["trainer"].get("devices"), cfg["trainer"].get("num_nodes") or 1
+        if isinstance(devices, int) and devices * nodes != ntasks:
+            raise ConfigError(
+                f"trainer.devices={devices} x trainer.num_nodes={nodes} != SLURM_NTASKS={ntasks}: set "
+                "--ntasks-per-node to trainer.devices and --nodes to trainer.num_nodes"
+            )
+        dirs = _logger_dirs(cfg["trainer"])
+        if dirs is not None:
+            if dirs[1].get("version") is None:
+                dirs[1]["version"] = tag
+            run_dir = dirs[0] / str(dirs[1]["version"])
+        else:
+            run_dir = Path(cfg["trainer"].get("default_root_dir") or ".") / tag
+        if not cfg["trainer"].get("default_root_dir"):
+            cfg["trainer"]["default_root_dir"] = str(run_dir)  # where Lightning writes hpc_ckpt_<n>.ckpt
+        if cfg.get("ckpt_path") is None:
+            found = find_resume_checkpoint(run_dir)
+            if found is not None:
+                log.info("SLURM job %s resumes from %s", tag, found)
+                cfg["ckpt_path"] = str(found)
+                self._parse_ckpt_path()
+
+    def instantiate_trainer(self, **kwargs):
+        """Adds the atomic checkpoint writer and, under SLURM, the auto-requeue environment to the plugins."""
+        configured = self._get(self.config_init, "trainer", default={}).get("plugins") or []
+        plugins = list(configured) if isinstance(configured, list) else [configured]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(AtomicCheckpointIO())
+        if SLURMEnvironment.detect() and not any(isinstance(p, ClusterEnvironment) for p in plugins):
+            plugins.append(SLURMEnvironment(auto_requeue=True))
+        return super().instantiate_trainer(plugins=plugins, **kwargs)
 
     def _resolve_last(self, cfg) -> None:
         dirs = _logger_dirs(cfg["trainer"])
@@ -95,8 +153,11 @@ class ZigMaCLI(LightningCLI):
             cfg["ckpt_path"] = None
             return
         cfg["ckpt_path"] = str(found)
-        if dirs and found.parent.name == "checkpoints" and found.parent.parent != root:
-            dirs[1]["version"] = found.parent.parent.name  # continue the same TensorBoard run
+        run_dir = found.parent.parent if found.parent.name == "checkpoints" else found.parent
+        if dirs and run_dir != root:
+            dirs[1]["version"] = run_dir.name  # continue the same TensorBoard run
+            if cfg["trainer"].get("default_root_dir") and slurm_job_tag():
+                cfg["trainer"]["default_root_dir"] = str(run_dir)
         log.info("ckpt_path=last -> %s", found)
         self._parse_ckpt_path()
 
@@ -104,11 +165,19 @@ class ZigMaCLI(LightningCLI):
         """Constructor errors (bad model/data arguments) become one-line configuration errors."""
         try:
             super().instantiate_classes()
-        except (ValueError, FileNotFoundError) as err:
-            raise ConfigError(str(err).strip().splitlines()[0]) from err
+        except (ValueError, FileNotFoundError, ImportError, MisconfigurationException) as err:
+            raise ConfigError(_first_useful_line(str(err))) from err
 
     def after_instantiate_classes(self) -> None:
         check_model_matches_data(self.model, self.datamodule)
+
+
+def _first_useful_line(message: str) -> str:
+    """The informative line of an error: jsonargparse wraps constructor errors of subclass-typed arguments (the
+    DataModule) in a "Does not validate against any of the Union subtypes" report whose "  - " items hold them."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    items = [line[2:] for line in lines if line.startswith("- ") and "Expected a <class 'NoneType'>" not in line]
+    return items[0] if items else (lines[0] if lines else "invalid configuration")
 
 
 def check_model_matches_data(model: FlowMatchingModule, data: ZigMaDataModule | None) -> None:
@@ -117,6 +186,12 @@ def check_model_matches_data(model: FlowMatchingModule, data: ZigMaDataModule | 
         return
     net = model.model
     want = tuple(getattr(data, "sample_shape", ()) or ())
+    if want and len(want) != len(model.sample_shape):
+        kind = "video clips (T, C, H, W)" if len(want) == 4 else "images (C, H, W)"
+        raise ConfigError(
+            f"model.net.video_frames={net.video_frames} does not match the data: {type(data).__name__} yields {kind} "
+            f"of shape {want}; set model.net.video_frames={want[0] if len(want) == 4 else 0}"
+        )
     if want and tuple(model.sample_shape) != want:
         names = ("video_frames", "in_channels", "img_dim", "img_dim")[-len(want) :]
         have = dict(zip(names, model.sample_shape))
@@ -128,6 +203,9 @@ def check_model_matches_data(model: FlowMatchingModule, data: ZigMaDataModule | 
         )
     if data.num_classes > 0 and net.num_classes != data.num_classes:
         raise ConfigError(f"model.net.num_classes={net.num_classes} but the data has {data.num_classes} classes")
+    if net.num_classes > 0 and data.num_classes == 0:
+        raise ConfigError(f"model.net.num_classes={net.num_classes} but {type(data).__name__} has no class labels; "
+                          "set model.net.num_classes=-1")  # fmt: skip
     if data.context_dim > 0 and not net.has_text:
         raise ConfigError("the data carries caption features: set model.net.has_text=true and model.net.d_context")
     if net.has_text and data.context_dim == 0:

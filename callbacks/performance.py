@@ -109,11 +109,14 @@ class PerformanceSwitches(L.Callback):
             ValueError: if ``scan_backend`` cannot run on the Trainer's device (the dispatcher's message says why).
         """
         networks = [pl_module.model, pl_module.ema.network]
+        device_type = trainer.strategy.root_device.type
         if self.scan_backend is not None:
-            device_type = trainer.strategy.root_device.type
             resolve_backend(self.scan_backend, device_type)  # fails now, not at step one, naming how to install it
             for network in networks:
                 network.set_scan_backend(self.scan_backend)
+        # resolve every mixer's backend eagerly: the compiled graph then reads the choice as a constant
+        for backend in {block.mixer.scan_backend for network in networks for block in network.blocks}:
+            resolve_backend(backend, device_type)
         if self.gradient_checkpointing is not None:
             # ZigMa checkpoints every block when this is set and gradients are on; the EMA copy never needs it
             pl_module.model.use_checkpoint = self.gradient_checkpointing

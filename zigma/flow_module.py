@@ -71,9 +71,9 @@ def build_backbone(net: dict[str, Any] | None, preset: str | None, cond_dropout_
     if not kwargs:
         raise ValueError("model.net (ZigMa arguments) or model.preset must be given")
     conditional = kwargs.get("has_text", False) or kwargs.get("num_classes", -1) > 0
-    if cond_dropout_prob is None:
+    if cond_dropout_prob is None:  # explicit values are validated by ZigMa (and unused by unconditional models)
         cond_dropout_prob = kwargs.get("cond_dropout_prob", 0.1 if conditional else 0.0)
-    kwargs["cond_dropout_prob"] = cond_dropout_prob if conditional else 0.0
+    kwargs["cond_dropout_prob"] = cond_dropout_prob
     return ZigMa(**kwargs)
 
 
@@ -114,6 +114,10 @@ class FlowMatchingModule(L.LightningModule):
         sample_mode, sample_method, sample_steps, guidance_scale, sample_seed, atol, rtol, diffusion_form,
             diffusion_norm, last_step, last_step_size: how ``generate``/``predict`` sample (ODE via torchdiffeq or SDE).
         val_seed: seed of the fixed (noise, t) draws of the validation loss.
+        step_seed: reseed the global RNG at every step from (step_seed, step, micro-batch, rank) so resumed runs are
+            exact; None leaves the RNG alone.
+        max_nonfinite_steps: a non-finite loss or gradient skips the update (counted in ``train/nonfinite_skipped``);
+            this many in a row stop training with an error.
     """
 
     def __init__(
@@ -150,6 +154,8 @@ class FlowMatchingModule(L.LightningModule):
         last_step: str | None = "Mean",
         last_step_size: float = 0.04,
         val_seed: int = 1234,
+        step_seed: int | None = 0,
+        max_nonfinite_steps: int = 10,
     ):
         super().__init__()
         net = _given(net)  # plain types in the checkpoint's hyper-parameters
@@ -174,6 +180,11 @@ class FlowMatchingModule(L.LightningModule):
             )
         self._flops_per_sample = training_flops_per_sample(self.model)
         self.flops_per_batch: int | None = None  # read by Lightning's ThroughputMonitor
+        if max_nonfinite_steps < 1:
+            raise ValueError(f"model.max_nonfinite_steps must be >= 1; got {max_nonfinite_steps}")
+        self._step_skipped = False
+        self._nonfinite_streak = 0
+        self._nonfinite_total = 0
 
     # ----------------------------------------------------------------------------------------------------- sampling
     def _make_sampler(self, mode: str, method: str, steps: int):
@@ -225,26 +236,62 @@ class FlowMatchingModule(L.LightningModule):
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         self.flops_per_batch = self._flops_per_sample * batch["x"].shape[0]
+        self._step_skipped = False
+        if self.hparams.step_seed is not None:
+            # every random draw of a step (t, noise, dropout, drop-path) is a function of (seed, step, micro-batch,
+            # rank), so a resumed run draws exactly what the uninterrupted run drew
+            micro = batch_idx % max(1, self.trainer.accumulate_grad_batches)
+            seed = self.hparams.step_seed * 1_000_003 + self.global_step * 1009 + micro * 31 + self.global_rank
+            torch.manual_seed(seed % (2**63 - 1))
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         x = batch["x"]
         terms = self.transport.training_losses(self.model, x, **self._condition(batch))
         loss = terms["loss"].mean()
+        # all ranks must agree to skip, or DDP's gradient all-reduce would hang
+        if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
+            self._skip_nonfinite(f"loss={loss.item()}")
+            return None  # Lightning skips backward and the update
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=x.shape[0])
         self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False, prog_bar=True)
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Log the total gradient norm before clipping (gradients are already unscaled under 16-mixed)."""
+        """Log the total gradient norm before clipping (already unscaled under 16-mixed); skip non-finite updates."""
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if grads:
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        if not grads:
+            return
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        if torch.isfinite(norm):
             self.log("grad_norm", norm, on_step=True, on_epoch=False)
+            return
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return  # fp16 loss scaling: the GradScaler skips this step and lowers its scale by design
+        for p in self.model.parameters():  # gradients are all-reduced already, so every rank decides alike
+            p.grad = None
+        self._skip_nonfinite(f"grad_norm={norm.item()}")
+
+    def _skip_nonfinite(self, what: str) -> None:
+        """Count a skipped step; after ``max_nonfinite_steps`` in a row stop with a message naming the step."""
+        self._step_skipped = True
+        self._nonfinite_streak += 1
+        self._nonfinite_total += 1
+        self.log("train/nonfinite_skipped", float(self._nonfinite_total), on_step=True, on_epoch=False)
+        if self._nonfinite_streak >= self.hparams.max_nonfinite_steps:
+            raise FloatingPointError(
+                f"{self._nonfinite_streak} consecutive non-finite steps (last: {what}) at global step "
+                f"{self.global_step}; training stopped without updating the weights, so the last checkpoint is good. "
+                "Lower model.lr, use trainer.precision=bf16-mixed or 32-true, or set trainer.gradient_clip_val, then "
+                "resume with --ckpt_path last"
+            )
 
     def optimizer_step(self, *args, **kwargs) -> None:
         """Step, then update the EMA at once: callbacks' ``on_train_batch_end`` (ModelCheckpoint) run before the
         module's, so an update there would be missing from the checkpoint written at this step."""
         super().optimizer_step(*args, **kwargs)
+        if self._step_skipped:
+            return  # no parameter changed
+        self._nonfinite_streak = 0
         if self.ema.should_update(self.trainer.global_step + 1):  # global_step counts this step only afterwards
             self.ema.update(self.model)
 

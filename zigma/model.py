@@ -151,6 +151,10 @@ class ZigMa(nn.Module):
             raise ValueError("tpe=True (temporal positional embedding) needs video_frames > 0")
         if not 0.0 <= cond_dropout_prob < 1.0:
             raise ValueError(f"cond_dropout_prob must be in [0, 1); got {cond_dropout_prob!r}")
+        from zigma.ops import SCAN_BACKENDS
+
+        if scan_backend not in SCAN_BACKENDS:
+            raise ValueError(f"scan_backend must be one of {list(SCAN_BACKENDS)}; got {scan_backend!r}")
         if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
             raise ValueError(f"dtype must be a floating torch dtype; got {dtype!r}")
         spec = ScanSpec.parse(scan_type, seed=scan_seed)

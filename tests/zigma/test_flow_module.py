@@ -106,3 +106,61 @@ def test_bad_module_arguments():
         FlowMatchingModule(net=TINY, path_type="cosine")
     with pytest.raises(ValueError, match="lr"):
         FlowMatchingModule(net=TINY, lr=0.0)
+
+
+class ParamTrace(L.Callback):
+    """Checksums of the raw and EMA weights after every training batch."""
+
+    def __init__(self):
+        self.raw, self.ema = [], []
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        self.raw.append(sum(p.double().sum().item() for p in pl_module.model.parameters()))
+        self.ema.append(sum(p.double().sum().item() for p in pl_module.ema.network.parameters()))
+
+
+def fit_traced(module, steps):
+    trace = ParamTrace()
+    trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, callbacks=[trace])  # fmt: skip
+    trainer.fit(module, EmbeddedFacesDataModule(batch_size=8, repeats=1))
+    return trace
+
+
+def poison_loss(module, bad_steps):
+    """Make the loss NaN at the given global steps."""
+    losses = module.transport.training_losses
+
+    def wrapped(*args, **kwargs):
+        terms = losses(*args, **kwargs)
+        if module.global_step in bad_steps:
+            terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+    module.transport.training_losses = wrapped
+
+
+def test_nonfinite_loss_skips_the_update_and_is_counted():
+    module = FlowMatchingModule(net=TINY, ema_decay=0.5)
+    poison_loss(module, {1})
+    trace = fit_traced(module, 3)
+    assert trace.raw[1] == trace.raw[0] and trace.ema[1] == trace.ema[0]  # step 1: nothing changed
+    assert trace.raw[2] != trace.raw[1] and trace.ema[2] != trace.ema[1]  # training went on
+    assert module._nonfinite_total == 1 and module._nonfinite_streak == 0
+
+
+def test_nonfinite_gradient_skips_the_update():
+    module = FlowMatchingModule(net=TINY, ema_decay=0.5)
+    weight = module.model.final_layer.linear.weight
+    weight.register_hook(lambda g: g * float("inf") if module.global_step == 1 else g)
+    trace = fit_traced(module, 3)
+    assert trace.raw[1] == trace.raw[0] and trace.ema[1] == trace.ema[0]
+    assert trace.raw[2] != trace.raw[1]
+    assert module._nonfinite_total == 1
+
+
+def test_consecutive_nonfinite_steps_stop_training_naming_the_step():
+    module = FlowMatchingModule(net=TINY, max_nonfinite_steps=3)
+    poison_loss(module, set(range(100)))
+    with pytest.raises(FloatingPointError, match=r"3 consecutive non-finite steps .* at global step \d+"):
+        fit_traced(module, 10)

@@ -68,9 +68,16 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return out
 
 
-@functools.cache
+# (requested backend, device type) -> backend that runs. Filled by eager calls of resolve_backend; selective_scan only
+# reads it, which torch.compile folds to a constant (tracing resolve_backend itself would graph-break on logging and
+# imports, and torch.compiler.assume_constant_result would import torch._dynamo, and with it triton, at import time).
+_RESOLVED: dict[tuple[str, str], str] = {}
+
+
 def resolve_backend(backend: str, device_type: str) -> str:
     """Turn a requested backend into the one that will run; raises ValueError if it cannot run on the device."""
+    if (backend, device_type) in _RESOLVED:
+        return _RESOLVED[(backend, device_type)]
     if backend not in SCAN_BACKENDS:
         raise ValueError(f"scan_backend={backend!r} is not one of {list(SCAN_BACKENDS)}")
     usable = available_backends(device_type)
@@ -85,14 +92,8 @@ def resolve_backend(backend: str, device_type: str) -> str:
         }[backend]
         raise ValueError(f"scan_backend={backend!r} cannot run on device {device_type!r}: {hint}; usable: {usable}")
     log.info("selective scan: backend %r requested on %s -> using %r", backend, device_type, chosen)
+    _RESOLVED[(backend, device_type)] = chosen
     return chosen
-
-
-@torch.compiler.assume_constant_result
-def _resolve_backend_traced(backend: str, device_type: str) -> str:
-    """:func:`resolve_backend` for ``selective_scan``: torch.compile runs it once at trace time and bakes in the
-    chosen name (tracing into it would graph-break on ``log.info``, ``importlib`` and ``functools.cache``)."""
-    return resolve_backend(backend, device_type)
 
 
 def selective_scan(
@@ -113,7 +114,11 @@ def selective_scan(
 
     See :mod:`zigma.ops.reference` for shapes and formulas; ``backend`` selects the implementation.
     """
-    chosen = _resolve_backend_traced(backend, u.device.type)
+    chosen = _RESOLVED.get((backend, u.device.type))
+    if (
+        chosen is None
+    ):  # first call for this (backend, device): resolve eagerly (PerformanceSwitches does it ahead of compile)
+        chosen = resolve_backend(backend, u.device.type)
     if chosen == "cuda":
         fn = _cuda_scan_fn()
     elif chosen == "triton":
