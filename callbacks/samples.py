@@ -58,7 +58,7 @@ class SampleGridLogger(L.Callback):
         result = pl_module.generate(noise, self._labels(pl_module), method=self.method, num_steps=self.num_steps)
         experiment = trainer.logger.experiment
         if hasattr(experiment, "add_image"):
-            experiment.add_image("samples/ema", image_grid(result.x.cpu()), global_step=step)
+            experiment.add_image("samples/ema", image_grid(pl_module.decode(result.x).cpu()), global_step=step)
         self._last_logged = step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

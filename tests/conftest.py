@@ -21,3 +21,25 @@ if str(ROOT) not in sys.path:
 def _seed_everything():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def tiny_vae_dir(tmp_path_factory):
+    """A random 2-block diffusers AutoencoderKL (downsample 2, 4 latent channels) written by save_pretrained, so
+    tests load a VAE through the real loading code without any download."""
+    pytest.importorskip("diffusers", reason="FrozenVAE wraps diffusers' AutoencoderKL")
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    model = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=16,
+    )
+    directory = tmp_path_factory.mktemp("tiny_vae")
+    model.save_pretrained(directory)
+    return directory

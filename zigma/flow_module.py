@@ -118,6 +118,9 @@ class FlowMatchingModule(L.LightningModule):
             exact; None leaves the RNG alone.
         max_nonfinite_steps: a non-finite loss or gradient skips the update (counted in ``train/nonfinite_skipped``);
             this many in a row stop training with an error.
+        vae, vae_subfolder, vae_scale, vae_dtype, vae_local_files_only: a frozen diffusers AutoencoderKL (local
+            directory or hub id) for latent diffusion: ``"pixels"`` batches are encoded with it and samples decoded.
+            It is loaded in ``setup`` and kept outside the module tree (no EMA copy, no optimizer state, not saved).
     """
 
     def __init__(
@@ -156,6 +159,11 @@ class FlowMatchingModule(L.LightningModule):
         val_seed: int = 1234,
         step_seed: int | None = 0,
         max_nonfinite_steps: int = 10,
+        vae: str | None = None,
+        vae_subfolder: str | None = None,
+        vae_scale: float = 0.18215,
+        vae_dtype: str = "float32",
+        vae_local_files_only: bool = True,
     ):
         super().__init__()
         net = _given(net)  # plain types in the checkpoint's hyper-parameters
@@ -185,6 +193,7 @@ class FlowMatchingModule(L.LightningModule):
         self._step_skipped = False
         self._nonfinite_streak = 0
         self._nonfinite_total = 0
+        self._vae = None  # zigma.vae.FrozenVAE, loaded in setup (not an nn.Module, so never a submodule)
 
     # ----------------------------------------------------------------------------------------------------- sampling
     def _make_sampler(self, mode: str, method: str, steps: int):
@@ -235,7 +244,7 @@ class FlowMatchingModule(L.LightningModule):
         return {"y": batch["y"]} if batch.get("y") is not None else {}
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
-        self.flops_per_batch = self._flops_per_sample * batch["x"].shape[0]
+        self.flops_per_batch = self._flops_per_sample * (batch["x"] if "x" in batch else batch["pixels"]).shape[0]
         self._step_skipped = False
         if self.hparams.step_seed is not None:
             # every random draw of a step (t, noise, dropout, drop-path) is a function of (seed, step, micro-batch,
@@ -245,7 +254,7 @@ class FlowMatchingModule(L.LightningModule):
             torch.manual_seed(seed % (2**63 - 1))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
-        x = batch["x"]
+        x = self._data(batch, self.encode)
         terms = self.transport.training_losses(self.model, x, **self._condition(batch))
         loss = terms["loss"].mean()
         # all ranks must agree to skip, or DDP's gradient all-reduce would hang
@@ -304,13 +313,13 @@ class FlowMatchingModule(L.LightningModule):
         return x0, t
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        x = batch["x"]
+        x = self._data(batch, self.encode)
         x0, t = self._fixed_draws(x, batch_idx)
         terms = self.transport.training_losses(self.ema.network, x, x0=x0, t=t, **self._condition(batch))
         self.log("val/loss", terms["loss"].mean(), prog_bar=True, sync_dist=True, batch_size=x.shape[0])
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        x = batch["x"]
+        x = self._data(batch, self.encode)
         x0, t = self._fixed_draws(x, batch_idx)
         terms = self.transport.training_losses(self.ema.network, x, x0=x0, t=t, **self._condition(batch))
         self.log("test/loss", terms["loss"].mean(), sync_dist=True, batch_size=x.shape[0])
@@ -319,11 +328,40 @@ class FlowMatchingModule(L.LightningModule):
         indices = batch["index"]
         y = batch.get("y")
         result = self.generate(self.noise(indices), y)
-        return {"index": indices.cpu(), "samples": result.x.float().cpu(), "y": None if y is None else y.cpu(),
-                "nfe": result.nfe}  # fmt: skip
+        return {"index": indices.cpu(), "samples": self.decode(result.x).float().cpu(),
+                "y": None if y is None else y.cpu(), "nfe": result.nfe}  # fmt: skip
 
     # ------------------------------------------------------------------------------------------------ optimisation
+    @property
+    def vae(self):
+        """The frozen VAE (``zigma.vae.FrozenVAE``) or None when the model works in pixel space."""
+        if self._vae is None and self.hparams.vae:
+            from zigma.vae import FrozenVAE
+
+            hp = self.hparams
+            self._vae = FrozenVAE(hp.vae, subfolder=hp.vae_subfolder, scale=hp.vae_scale, dtype=hp.vae_dtype,
+                                  local_files_only=hp.vae_local_files_only)  # fmt: skip
+        if self._vae is not None:
+            self._vae.to(self.device)
+        return self._vae
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] -> model-space latents with the frozen VAE (no gradients)."""
+        if self.vae is None:
+            raise ValueError("the batch holds pixels to encode but model.vae is not set (a VAE directory or hub id)")
+        return self.vae.encode(pixels)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Model-space samples -> pixels in [-1, 1] (identity without a VAE)."""
+        return x if self.vae is None else self.vae.decode(x)
+
+    @staticmethod
+    def _data(batch: dict, encode) -> torch.Tensor:
+        return batch["x"] if "x" in batch else encode(batch["pixels"])
+
     def setup(self, stage: str) -> None:
+        if self.hparams.vae:
+            _ = self.vae  # load now: a missing VAE fails before the first step
         if torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = self.hparams.allow_tf32
             torch.backends.cudnn.allow_tf32 = self.hparams.allow_tf32

@@ -164,3 +164,25 @@ def test_consecutive_nonfinite_steps_stop_training_naming_the_step():
     poison_loss(module, set(range(100)))
     with pytest.raises(FloatingPointError, match=r"3 consecutive non-finite steps .* at global step \d+"):
         fit_traced(module, 10)
+
+
+def test_pixel_batches_are_encoded_by_a_frozen_vae_outside_the_module_tree(tiny_vae_dir):
+    net = {**TINY, "in_channels": 4, "img_dim": 8, "patch_size": 2}
+    module = FlowMatchingModule(net=net, vae=str(tiny_vae_dir), sample_steps=2)
+    module.setup("fit")
+    pixels = torch.rand(2, 3, 16, 16) * 2 - 1
+    latents = module.encode(pixels)
+    assert latents.shape == (2, 4, 8, 8) and not latents.requires_grad
+    terms = module.transport.training_losses(module.model, module._data({"pixels": pixels}, module.encode))
+    terms["loss"].mean().backward()
+    assert module.model.x_embedder.proj.weight.grad is not None
+    out = module.predict_step({"index": torch.arange(2)}, 0)
+    assert out["samples"].shape == (2, 3, 16, 16) and out["samples"].abs().max() <= 1
+    assert not any("vae" in k for k in module.state_dict())  # not saved, not EMA-copied, no optimizer state
+    assert not any(isinstance(m, type(module.vae)) for m in module.modules())
+
+
+def test_pixel_batch_without_vae_is_a_clear_error():
+    module = FlowMatchingModule(net=TINY)
+    with pytest.raises(ValueError, match="model.vae is not set"):
+        module.encode(torch.rand(1, 3, 32, 32))
