@@ -184,5 +184,5 @@ def test_pixel_batches_are_encoded_by_a_frozen_vae_outside_the_module_tree(tiny_
 
 def test_pixel_batch_without_vae_is_a_clear_error():
     module = FlowMatchingModule(net=TINY)
-    with pytest.raises(ValueError, match="model.vae is not set"):
+    with pytest.raises(ValueError, match=r"model\.vae is not set"):
         module.encode(torch.rand(1, 3, 32, 32))
