@@ -26,6 +26,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from callbacks import SampleWriter
 from callbacks.checkpoint_io import AtomicCheckpointIO
+from callbacks.slurm import StepBoundaryRequeue
 from datamodules import ZigMaDataModule
 from zigma.flow_module import FlowMatchingModule
 
@@ -135,14 +136,20 @@ class ZigMaCLI(LightningCLI):
                 self._parse_ckpt_path()
 
     def instantiate_trainer(self, **kwargs):
-        """Adds the atomic checkpoint writer and, under SLURM, the auto-requeue environment to the plugins."""
+        """Adds the atomic checkpoint writer and, under SLURM, the auto-requeue environment to the plugins and
+        ``StepBoundaryRequeue`` to the callbacks (preemption checkpoints at a step boundary)."""
         configured = self._get(self.config_init, "trainer", default={}).get("plugins") or []
         plugins = list(configured) if isinstance(configured, list) else [configured]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(AtomicCheckpointIO())
+        requeue = None
         if SLURMEnvironment.detect() and not any(isinstance(p, ClusterEnvironment) for p in plugins):
-            plugins.append(SLURMEnvironment(auto_requeue=True))
-        return super().instantiate_trainer(plugins=plugins, **kwargs)
+            requeue = SLURMEnvironment(auto_requeue=True)
+            plugins.append(requeue)
+        trainer = super().instantiate_trainer(plugins=plugins, **kwargs)
+        if requeue is not None:
+            trainer.callbacks.append(StepBoundaryRequeue(requeue.requeue_signal))
+        return trainer
 
     def _resolve_last(self, cfg) -> None:
         dirs = _logger_dirs(cfg["trainer"])
@@ -186,6 +193,13 @@ def check_model_matches_data(model: FlowMatchingModule, data: ZigMaDataModule | 
         return
     net = model.model
     want = tuple(getattr(data, "sample_shape", ()) or ())
+    pixel_shape = getattr(data, "pixel_shape", None)
+    if pixel_shape is not None and not want:  # images that the module encodes with its VAE
+        if model.vae is None:
+            raise ConfigError(f"the data yields pixels of shape {tuple(pixel_shape)} to encode: set model.vae "
+                              "(a diffusers AutoencoderKL directory or hub id)")  # fmt: skip
+        factor = model.vae.downsample_factor
+        want = (model.vae.latent_channels, pixel_shape[-2] // factor, pixel_shape[-1] // factor)
     if want and len(want) != len(model.sample_shape):
         kind = "video clips (T, C, H, W)" if len(want) == 4 else "images (C, H, W)"
         raise ConfigError(
@@ -212,6 +226,32 @@ def check_model_matches_data(model: FlowMatchingModule, data: ZigMaDataModule | 
         raise ConfigError("model.net.has_text=true but the data has no caption features (data.caption_key)")
     if net.has_text and net.config["d_context"] != data.context_dim:
         raise ConfigError(f"model.net.d_context={net.config['d_context']} but captions have width {data.context_dim}")
+    check_manifest_matches(model, getattr(data, "shards", None))
+
+
+def check_manifest_matches(model: FlowMatchingModule, shards) -> None:
+    """Shards made by ``datamodules.prepare`` carry a manifest: reject a model whose sample shape, VAE scaling,
+    classes or caption width differ from it (shards without a manifest, e.g. upstream's, are not checked)."""
+    if not shards:
+        return
+    from datamodules.manifest import check_manifest, read_manifest
+
+    try:
+        manifest = read_manifest(shards)
+    except FileNotFoundError:
+        return
+    net = model.model
+    try:
+        check_manifest(
+            manifest,
+            sample_shape=model.sample_shape,
+            vae_config=model.vae.config() if model.vae is not None else None,
+            num_classes=net.num_classes if net.num_classes > 0 else None,
+            context_dim=net.config["d_context"] if net.has_text else None,
+            ignore_vae_keys=("name_or_path", "subfolder"),  # the same VAE may live elsewhere on this machine
+        )
+    except ValueError as err:
+        raise ConfigError(f"the model does not match the data's manifest: {err}") from err
 
 
 def main(args: list[str] | None = None) -> ZigMaCLI | None:

@@ -53,5 +53,5 @@ class ZigMaDataModule(L.LightningDataModule):
 
 
 def batch_size(batch: dict) -> int:
-    """Samples in a training/validation (``x``) or predict (``index``) batch, for Lightning's ThroughputMonitor."""
-    return int((batch["x"] if "x" in batch else batch["index"]).shape[0])
+    """Samples in a batch (``x``, ``pixels`` or predict ``index``), for Lightning's ThroughputMonitor."""
+    return int(next(batch[k] for k in ("x", "pixels", "index") if k in batch).shape[0])

@@ -1,0 +1,273 @@
+"""The ``manifest.json`` that ``python -m datamodules.prepare`` writes next to its shards: write, read, validate, check.
+
+One manifest describes one shard directory. Its top level holds the settings that define every sample (the same for
+all splits in the directory); ``splits`` holds what each ``prepare`` run wrote::
+
+    {
+      "format": "zigma-shards", "version": 1,
+      "kind": "images" | "videos",
+      "resolution": 256,                    # pixels: shorter side resized (bicubic, antialiased), centre square crop
+      "crop": "resize-shorter-side-bicubic+center-crop",
+      "frames": 16, "frame_stride": 1,      # videos only (else null)
+      "keys": {"jpg": {...}, "latent.npy": {"shape": [4, 32, 32], "dtype": "float32"}, "cls": {...}, ...},
+      "latents": "sample" | "mean" | "moments" | "both-flips" | "none",
+      "latent_key": "latent.npy",           # the key a WebDataModule's latent_key/video_key reads
+      "latent_shape": [4, 32, 32],          # the model's sample shape (C, h, w) or (T, C, h, w); null without latents
+      "latent_dtype": "float32",
+      "latent_scaled": false,               # shards hold raw VAE latents: scale them with vae.scale when loading
+      "vae": {FrozenVAE.config(): name_or_path, subfolder, scale, shift, mean, std, sample, dtype} | null,
+      "vae_downsample_factor": 8,
+      "num_classes": 101,                   # 0: no labels
+      "label_names": ["ApplyEyeMakeup", ...], "label_source": "folders" | "list" (+ ", names file <name>") | null,
+      "caption_feature_shape": [5, 77, 768],  # (N_cap, L, d) of the first sample (N_cap may vary: null); or null
+      "seed": 0,
+      "splits": {"train": {"complete": true, "count": 9537, "bad": 3, "bad_paths": ["..."],
+                           "shard_size": 1000, "shards": [{"name": "train-000000.tar", "count": 1000}, ...],
+                           "inputs": {"count": 9540, "sha256": "..."}, "created": "...", "command": "..."}}
+    }
+
+``check_manifest`` compares a model's expectations with it (latent shape, VAE, classes, caption width) and raises one
+``ValueError`` that names every mismatching key with both values. This module imports neither torch nor ``zigma``.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import braceexpand
+
+MANIFEST_NAME = "manifest.json"
+FORMAT = "zigma-shards"
+VERSION = 1
+# Top-level keys every manifest holds; ``validate_manifest`` checks them.
+REQUIRED_KEYS = ("format", "version", "kind", "resolution", "keys", "latents", "latent_shape", "vae", "num_classes",
+                 "label_names", "caption_feature_shape", "splits")  # fmt: skip
+# Split entries' keys (what one run wrote); everything else at the top level is a setting that must not change.
+SPLIT_KEYS = ("complete", "count", "bad", "bad_paths", "shard_size", "shards", "inputs", "created", "command")
+# FrozenVAE.config() keys that change the meaning of stored latents (zigma.vae.MATCH_KEYS; not imported, see above).
+VAE_MATCH_KEYS = ("name_or_path", "subfolder", "scale", "shift", "mean", "std")
+
+
+def write_manifest(directory: str | os.PathLike, manifest: Mapping[str, Any]) -> Path:
+    """Write ``manifest`` as ``directory/manifest.json`` atomically (a temporary file, fsync, then rename).
+
+    Returns: the manifest's path.
+    Raises:
+        ValueError: ``manifest`` is not valid (see :func:`validate_manifest`).
+    """
+    validate_manifest(manifest)
+    path = Path(directory) / MANIFEST_NAME
+    tmp = path.with_name(f".{MANIFEST_NAME}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def validate_manifest(manifest: Mapping[str, Any], where: str = "manifest") -> None:
+    """Check the structure of a manifest: required keys, format, version and consistent split counts.
+
+    Raises:
+        ValueError: names ``where`` and the first problem found.
+    """
+    if not isinstance(manifest, Mapping):
+        raise ValueError(f"{where}: expected a JSON object; got {type(manifest).__name__}")
+    missing = [k for k in REQUIRED_KEYS if k not in manifest]
+    if missing:
+        raise ValueError(f"{where}: missing keys {missing}; was it written by `python -m datamodules.prepare`?")
+    if manifest["format"] != FORMAT or manifest["version"] != VERSION:
+        raise ValueError(
+            f"{where}: format {manifest['format']!r} version {manifest['version']!r}; this code reads {FORMAT!r} "
+            f"version {VERSION}"
+        )
+    if len(manifest["label_names"]) != manifest["num_classes"]:
+        raise ValueError(
+            f"{where}: num_classes={manifest['num_classes']} but {len(manifest['label_names'])} label_names"
+        )
+    for name, split in manifest["splits"].items():
+        absent = [k for k in SPLIT_KEYS if k not in split]
+        if absent:
+            raise ValueError(f"{where}: split {name!r} lacks {absent}")
+        total = sum(s["count"] for s in split["shards"])
+        if split["complete"] and total != split["count"]:
+            raise ValueError(f"{where}: split {name!r} has count {split['count']} but its shards hold {total}")
+
+
+def settings_of(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """The manifest without ``splits``: the settings all splits of a directory share."""
+    return {k: v for k, v in manifest.items() if k != "splits"}
+
+
+def _manifest_dirs(dir_or_shards: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """The directories that hold the shards (or are) named by ``dir_or_shards``, in first-seen order."""
+    parts = [dir_or_shards] if isinstance(dir_or_shards, (str, os.PathLike)) else list(dir_or_shards)
+    specs = [p for part in parts for p in re.split(r"[,\s]+", str(part).strip()) if p]
+    dirs: list[Path] = []
+    for spec in specs:
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            found = [path]
+        elif path.name == MANIFEST_NAME:
+            found = [path.parent]
+        else:  # a shard, a brace pattern or a glob: the directories of what it names
+            names = [n for b in braceexpand.braceexpand(str(path)) for n in (glob.glob(b) or [b])]
+            found = [Path(n).parent for n in names]
+        for d in found:
+            if d not in dirs:
+                dirs.append(d)
+    if not dirs:
+        raise ValueError(f"read_manifest: {dir_or_shards!r} names no directory or shard")
+    return dirs
+
+
+def read_manifest(dir_or_shards: str | os.PathLike | Sequence[str | os.PathLike]) -> dict[str, Any]:
+    """The validated manifest of a shard directory, found from the directory, the shards or ``manifest.json``.
+
+    Args:
+        dir_or_shards: a directory, a ``manifest.json`` path, a shard path, a brace pattern or glob of shards, a
+            comma/space-separated string or a list of these (anything ``WebDataModule(shards=...)`` takes).
+            Shards in several directories need a manifest in each, with the same settings; the first is returned.
+
+    Raises:
+        FileNotFoundError: a directory holds no ``manifest.json`` (shards not written by ``datamodules.prepare``).
+        ValueError: a manifest is invalid, or the directories' manifests disagree on a setting.
+    """
+    manifests = []
+    for directory in _manifest_dirs(dir_or_shards):
+        path = directory / MANIFEST_NAME
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"read_manifest: no {MANIFEST_NAME} in {directory} (from {dir_or_shards!r}); shards written by "
+                "`python -m datamodules.prepare` have one next to them; other shards cannot be checked this way"
+            )
+        with open(path, encoding="utf-8") as f:
+            try:
+                manifest = json.load(f)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"read_manifest: {path} is not valid JSON: {err}") from err
+        validate_manifest(manifest, str(path))
+        manifests.append((path, manifest))
+    first_path, first = manifests[0]
+    for path, other in manifests[1:]:
+        diffs = diff_settings(settings_of(first), settings_of(other))
+        if diffs:
+            raise ValueError(f"read_manifest: {first_path} and {path} describe different data: {'; '.join(diffs)}")
+    return first
+
+
+def check_manifest(
+    manifest: Mapping[str, Any],
+    *,
+    sample_shape: Sequence[int] | None = None,
+    vae_config: Mapping[str, Any] | None = None,
+    num_classes: int | None = None,
+    context_dim: int | None = None,
+    ignore_vae_keys: Iterable[str] = (),
+) -> None:
+    """Raise if a model's expectations do not match the data a manifest describes; arguments left None are not checked.
+
+    Args:
+        manifest: as :func:`read_manifest` returns.
+        sample_shape: the model's sample shape, (C, h, w) or (T, C, h, w); compared with ``latent_shape`` (videos:
+            T may be smaller than the stored frames, as clips are cropped in time; not checked for pixel-only
+            shards, whose latent shape depends on the model's VAE).
+        vae_config: the model's ``FrozenVAE.config()``; its :data:`VAE_MATCH_KEYS` are compared with ``vae``
+            (floats to a relative 1e-6; a local directory as its resolved path).
+        num_classes: the model's classes (0: unconditional on labels); compared with ``num_classes``.
+        context_dim: the model's caption width d (0: no captions); compared with ``caption_feature_shape[-1]``.
+        ignore_vae_keys: VAE keys not to compare, e.g. ``("name_or_path",)`` for a local copy of the hub VAE.
+
+    Raises:
+        ValueError: one message naming every mismatching key, the model's value and the data's value.
+    """
+    diffs: list[str] = []
+    if sample_shape is not None and manifest.get("latent_shape") is not None:
+        model, data = [int(n) for n in sample_shape], [int(n) for n in manifest["latent_shape"]]
+        if manifest.get("kind") == "videos" and len(model) == len(data) == 4:
+            if model[1:] != data[1:] or model[0] > data[0]:  # a model may train on shorter clips than stored
+                diffs.append(f"latent_shape: model {model}, data {data} (video clips: model frames <= data frames)")
+        elif model != data:
+            diffs.append(f"latent_shape: model {model}, data {data}")
+    if vae_config is not None:
+        data_vae = manifest.get("vae")
+        if data_vae is None:
+            if manifest.get("latent_shape") is not None:
+                diffs.append("vae: the manifest records no VAE for its latents")
+        else:
+            skip = set(ignore_vae_keys)
+            unknown = skip - set(VAE_MATCH_KEYS)
+            if unknown:
+                raise ValueError(f"check_manifest: ignore_vae_keys={sorted(unknown)} not in {list(VAE_MATCH_KEYS)}")
+            for key in VAE_MATCH_KEYS:
+                if key in skip or key not in vae_config or key not in data_vae:
+                    continue
+                if not _same(key, vae_config[key], data_vae[key]):
+                    diffs.append(f"vae.{key}: model {vae_config[key]!r}, data {data_vae[key]!r}")
+    if num_classes is not None and int(num_classes) != int(manifest.get("num_classes") or 0):
+        diffs.append(f"num_classes: model {num_classes}, data {manifest.get('num_classes') or 0}")
+    if context_dim is not None:
+        shape = manifest.get("caption_feature_shape")
+        data_dim = int(shape[-1]) if shape else 0
+        if int(context_dim) != data_dim:
+            diffs.append(f"context_dim: model {context_dim}, data {data_dim} (caption_feature_shape {shape})")
+    if diffs:
+        raise ValueError(
+            "the model does not match the data's manifest: " + "; ".join(diffs) + ". Change the model settings, "
+            "or point the data at shards prepared for this model (`python -m datamodules.prepare`)"
+        )
+
+
+def diff_settings(ours: Mapping[str, Any], theirs: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """``key: a != b`` for every key whose values differ (recursing into dicts; floats to a relative 1e-6)."""
+    out = []
+    for key in sorted(set(ours) | set(theirs), key=str):
+        a, b = ours.get(key), theirs.get(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out.extend(diff_settings(a, b, f"{prefix}{key}."))
+        elif not _same(key, a, b):
+            out.append(f"{prefix}{key}: {a!r} != {b!r}")
+    return out
+
+
+def _same(key: str, ours: Any, theirs: Any) -> bool:
+    """Equal up to JSON round trips: tuples as lists, ints as floats, floats to a relative 1e-6."""
+    if key == "shift":
+        ours, theirs = ours or 0.0, theirs or 0.0
+    if key == "name_or_path" and ours is not None and theirs is not None:
+        return _normalise_name(ours) == _normalise_name(theirs)
+    if isinstance(ours, bool) or isinstance(theirs, bool):
+        return ours == theirs
+    if isinstance(ours, (int, float)) and isinstance(theirs, (int, float)):
+        return math.isclose(float(ours), float(theirs), rel_tol=1e-6, abs_tol=1e-12)
+    if isinstance(ours, (list, tuple)) and isinstance(theirs, (list, tuple)):
+        return len(ours) == len(theirs) and all(_same("", a, b) for a, b in zip(ours, theirs))
+    return ours == theirs
+
+
+def _normalise_name(name: Any) -> str:
+    """A hub id as written; a local directory as its resolved absolute path."""
+    text = str(name).rstrip("/")
+    path = Path(text).expanduser()
+    return str(path.resolve()) if path.is_dir() else text
+
+
+__all__ = [
+    "MANIFEST_NAME",
+    "VAE_MATCH_KEYS",
+    "check_manifest",
+    "diff_settings",
+    "read_manifest",
+    "settings_of",
+    "validate_manifest",
+    "write_manifest",
+]
