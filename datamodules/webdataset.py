@@ -39,9 +39,20 @@ Distribution (each step is a function in ``datamodules.shards``):
   shard and key, and one more raises an error that names the shard.
 
 Epochs: Lightning calls ``loader.sampler.set_epoch(epoch)`` at each epoch start; used on its own, every new iterator
-starts the next epoch. An epoch interrupted and resumed starts again from its beginning (no mid-epoch data state).
-Workers are not persistent: they are started for each epoch and receive its number.
+starts the next epoch. Workers are not persistent: they are started for each epoch and receive its number.
 Rank and world size come from ``torch.distributed`` when it is initialised, else from the attached trainer.
+
+Resuming (all modes): the training ``ShardLoader`` is stateful. ``state_dict()`` is the data position
+``{"epoch", "batches_done", ...}``, counted in the main process as batches are handed out (right with
+``num_workers > 0``, whatever the workers prefetched); Lightning saves it in every checkpoint at
+``checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]`` and restores it before the first iterator
+of a resumed fit, whose epoch then continues after ``batches_done`` batches. Since an epoch's batches are a function
+of (seed, epoch, rank, worker plan) and the DataLoader interleaves its workers' batches in a fixed order, the
+loader fast-forwards: the first ``batches_done`` batches are read, decoded and dropped (cheap for latent shards, a
+full decode for image shards). With another world size, batch size, worker count, seed, mode or epoch size the
+position cannot be carried over: a warning, and the epoch restarts from its beginning. Under DDP the checkpoint holds
+rank 0's state and every rank loads it: the position holds nothing rank-specific (every rank hands out the same
+number of batches), and each rank fast-forwards its own stream.
 """
 
 from __future__ import annotations
@@ -212,6 +223,7 @@ class ShardStream(IterableDataset):
         quotas: (num_workers,) batches each worker yields per epoch; ``len()`` is their sum.
         decoder: raw sample -> training sample.
         rank: this process's rank (keys the per-worker random streams).
+        world_size: number of processes the shards were split over (recorded in the loader state).
         shuffle: shuffle shard order and samples (False: fixed order, for validation).
         shuffle_buffer: raw samples in each worker's shuffle buffer.
         resampled: draw shards with replacement from ``all_shards``, endlessly.
@@ -221,9 +233,9 @@ class ShardStream(IterableDataset):
     """
 
     def __init__(self, *, worker_shards: Sequence[Sequence[str]], quotas: Sequence[int], decoder: SampleDecoder,
-                 batch_size: int, rank: int = 0, seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 1000,
-                 resampled: bool = False, all_shards: Sequence[str] = (), expect_wrap: bool = True,
-                 max_bad_samples: int = 100):  # fmt: skip
+                 batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True,
+                 shuffle_buffer: int = 1000, resampled: bool = False, all_shards: Sequence[str] = (),
+                 expect_wrap: bool = True, max_bad_samples: int = 100):  # fmt: skip
         if len(worker_shards) != len(quotas):
             raise ValueError(f"{len(worker_shards)} shard lists for {len(quotas)} worker quotas")
         self.worker_shards = [list(s) for s in worker_shards]
@@ -231,6 +243,7 @@ class ShardStream(IterableDataset):
         self.decoder = decoder
         self.batch_size = batch_size
         self.rank = rank
+        self.world_size = world_size
         self.seed = seed
         self.shuffle = shuffle
         self.shuffle_buffer = shuffle_buffer if shuffle else 0
@@ -247,6 +260,12 @@ class ShardStream(IterableDataset):
 
     def __len__(self) -> int:
         return sum(self.quotas)
+
+    @property
+    def mode(self) -> str:
+        """``"resampled"``, ``"epoch_length"`` (finite, fixed batches per epoch) or ``"counted"`` (finite, from the
+        sample counts)."""
+        return "resampled" if self.resampled else "epoch_length" if self.expect_wrap else "counted"
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch the next iterator reads (Lightning calls this through ``loader.sampler``)."""
@@ -306,8 +325,16 @@ class ShardLoader:
     """The per-rank loader: a ``DataLoader(batch_size=None)`` over a ``ShardStream``, ``len()`` batches per epoch.
 
     Not a ``torch.utils.data.DataLoader`` itself, so that ``sampler`` can be the stream: Lightning calls
-    ``loader.sampler.set_epoch(epoch)`` at every epoch start. Without ``set_epoch``, each new iterator starts the next
-    epoch (``advance=True``) or re-reads the same one (validation).
+    ``loader.sampler.set_epoch(epoch)`` at every epoch start (and never re-wraps the loader). Without ``set_epoch``,
+    each new iterator starts the next epoch (``advance=True``) or re-reads the same one (validation).
+
+    Stateful (see the module docstring): ``state_dict()`` is the data position (``epoch``, ``batches_done``: batches
+    the latest iterator handed out, counted here in the main process) and what the stream depends on;
+    after ``load_state_dict()`` the next iterator of that epoch continues after ``batches_done`` batches. It does so
+    by fast-forwarding: the epoch's stream is a function of (seed, epoch, rank, worker plan) and the DataLoader
+    interleaves its workers' batches round-robin in a fixed order, so the first ``batches_done`` batches are read,
+    decoded and dropped in the main process, which is exact for any ``num_workers``. That costs reading those
+    batches again: cheap for latent shards, a full image decode for image shards.
     """
 
     def __init__(self, stream: ShardStream, *, num_workers: int = 0, advance: bool = True):
@@ -317,7 +344,9 @@ class ShardLoader:
         self.sampler = stream  # not ``dataset``: Lightning would warn that an IterableDataset's len may be inexact
         self.num_workers = num_workers
         self.advance = advance
+        self.batches_done = 0  # batches of stream.epoch the latest iterator handed out
         self._started = False
+        self._resume: tuple[int, int] | None = None  # restored (epoch, batches_done) for the next iterator
 
     def __len__(self) -> int:
         return len(self.stream)
@@ -326,20 +355,62 @@ class ShardLoader:
         stream = self.stream
         if self.advance and self._started and not stream.epoch_set:
             stream.epoch += 1
+        skip, resume, self._resume = 0, self._resume, None
+        if resume is not None and resume[0] == stream.epoch:  # else set_epoch moved to another epoch: start it
+            skip = min(resume[1], len(self))
+            if skip == len(self) and self.advance:  # the restored epoch was complete: the next one, from its start
+                stream.epoch, skip = stream.epoch + 1, 0
         stream.epoch_set, self._started = False, True
+        self.batches_done = skip
         # a private generator: the DataLoader draws its workers' base seed from it, not from the global RNG
         loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers,
                             generator=torch.Generator().manual_seed(stream.seed))  # fmt: skip
-        return self._checked(loader, len(self))
+        return self._batches(loader, len(self), skip)
 
-    @staticmethod
-    def _checked(loader: DataLoader, expected: int) -> Iterator[dict[str, Any]]:
+    def _batches(self, loader: DataLoader, expected: int, skip: int) -> Iterator[dict[str, Any]]:
         count = 0
         for batch in loader:
             count += 1
+            if count <= skip:  # fast-forward to the restored position: read, decoded, dropped
+                continue
+            self.batches_done = count  # counted when handed out, in this (the main) process
             yield batch
         if count != expected:  # a bug, not a data problem: workers wrap around to meet their quotas
             raise RuntimeError(f"the shard loader yielded {count} batches, planned {expected}")
+
+    def state_dict(self) -> dict[str, Any]:
+        """The data position (plain ints and strings) and what the stream depends on."""
+        s = self.stream
+        return {"epoch": s.epoch, "batches_done": self.batches_done, "batch_size": s.batch_size,
+                "world_size": s.world_size, "seed": s.seed, "mode": s.mode, "num_workers": s.num_workers,
+                "num_batches": len(s)}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue at ``state``'s position: the next iterator of epoch ``epoch`` starts after ``batches_done``
+        batches (a complete epoch: the next iterator starts the next epoch, as without a restore). Another
+        ``set_epoch`` before it drops the position.
+
+        If the world size, batch size, worker count, seed, mode or batches per epoch differ from the checkpoint's, that
+        epoch's stream is another one: warns and restarts the epoch from its beginning. Keys missing from ``state``
+        are taken as unchanged.
+        """
+        s = self.stream
+        epoch, done = int(state["epoch"]), int(state["batches_done"])
+        now = {k: v for k, v in self.state_dict().items() if k not in ("epoch", "batches_done")}
+        changed = {k: (state[k], v) for k, v in now.items() if k in state and state[k] != v}
+        if done >= int(state.get("num_batches", len(self))):
+            done = len(self)  # the epoch was complete: the next iterator starts the next one, whatever changed
+        elif changed and done > 0:
+            detail = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+            rank_zero_warn(
+                f"train data: cannot continue epoch {epoch} after batch {done}: the checkpoint's data stream differs "
+                f"({detail}); epoch {epoch} restarts from its beginning"
+            )
+            done = 0
+        s.epoch, s.epoch_set = epoch, False
+        self._started = False  # the next iterator reads the restored epoch, not the next one
+        self.batches_done = done
+        self._resume = (epoch, done)
 
 
 class _ShardDataModule(ZigMaDataModule):
@@ -442,7 +513,7 @@ class _ShardDataModule(ZigMaDataModule):
                     log.info("rank %d: %d batches per epoch (as every rank); %d more of its data stay unread",
                              rank, sum(quotas), dropped)  # fmt: skip
         return ShardStream(worker_shards=worker_shards, quotas=quotas, decoder=self.decoder,
-                           batch_size=self.batch_size, rank=rank, seed=self.seed, shuffle=train,
+                           batch_size=self.batch_size, rank=rank, world_size=world_size, seed=self.seed, shuffle=train,
                            shuffle_buffer=self.shuffle_buffer, resampled=resampled, all_shards=shards,
                            expect_wrap=epoch_length is not None, max_bad_samples=self.max_bad_samples)  # fmt: skip
 
