@@ -4,7 +4,8 @@ Usage::
 
     python -m datamodules.prepare images SRC --out DIR [--vae PATH_OR_ID] [--resolution 256] [--shard-size 1000]
         [--workers N] [--device cpu] [--latents sample|mean|moments|both-flips|none] [--dtype float32|float16]
-        [--labels none|folders|list|NAMES_FILE] [--captions FILE] [--split train] [--seed 0] [--max-bad 100]
+        [--labels none|folders|list|NAMES_FILE] [--captions FILE] [--clip PATH_OR_ID] [--split train] [--seed 0]
+        [--max-bad 100]
     python -m datamodules.prepare videos SRC --out DIR --frames 16 [--frame-stride 1] ... (same options)
 
 Inputs (the sorted input list fixes every sample's key and shard, so reruns and worker counts give the same shards):
@@ -14,12 +15,18 @@ Inputs (the sorted input list fixes every sample's key and shard, so reruns and 
   is the first folder under ``SRC`` (``SRC/<class>/.../x.jpg``; for videos ``SRC/<class>/<video>/``); for a list
   file, the first folder of each ``path``.
 - ``SRC`` a list file (``.csv``, ``.tsv`` or ``.jsonl``) with a ``path`` column (relative to the list file) and
-  optionally ``label`` (a class name or an integer id; ``--labels list``) and ``caption_feature`` (a ``.npy`` of
-  precomputed text features (N_cap, L, d), e.g. CLIP ViT-L/14 (N_cap, 77, 768) as upstream ZigMa uses).
-  Text captions (a ``caption`` column) would need a CLIP encoder, which this tool does not run: precompute them.
+  optionally ``label`` (a class name or an integer id; ``--labels list``) and either ``caption_feature`` (a ``.npy``
+  of precomputed text features (N_cap, L, d), e.g. CLIP ViT-L/14 (N_cap, 77, 768) as upstream ZigMa uses) or
+  ``caption`` text (one string, or a JSON list of strings: the image's N_cap captions), which needs ``--clip``.
 - ``--labels NAMES_FILE``: class names, one per line (``<id> <name>`` lines as in UCF101's ``classInd.txt`` are read
   as the name), whose order fixes the ids; the names come from the folders (folder input) or the ``label`` column.
-- ``--captions FILE``: a list file with ``path`` and ``caption_feature`` columns joined to the inputs by path.
+- ``--captions FILE``: a list file with ``path`` and ``caption_feature`` or ``caption`` columns joined to the inputs
+  by path.
+- ``--clip PATH_OR_ID``: encode the ``caption`` text with a CLIP text model (``datamodules.captions``; a local
+  directory, or a hub id in the local cache unless ``--allow-download``; upstream's is openai/clip-vit-large-patch14):
+  the last hidden states, 77 tokens (padded and truncated), (N_cap, 77, d) per image, computed by the worker that
+  writes the image's shard. A ``caption`` column without ``--clip`` is an error; with ``--clip`` every input needs
+  caption text and no ``caption_feature``.
 
 Each sample, with key ``f"{index:08d}"`` (its position in the sorted input list):
 
@@ -33,20 +40,22 @@ Each sample, with key ``f"{index:08d}"`` (its position in the sorted input list)
   ``mean``: the posterior mean (C, h, w); ``moments``: ``<stem>_mean.npy`` and ``<stem>_std.npy`` (C, h, w) each
   (EDM2's practice: draw a fresh sample each epoch); ``both-flips``: posterior samples of the image and of its
   mirror image stacked (2, C, h, w) (images only); ``none``: pixels only. Videos: (T, C, h, w), frame-wise.
-- ``cls``: the class id as decimal text; ``caption_feature.npy``: the caption features (N_cap, L, d);
+- ``cls``: the class id as decimal text; ``caption_feature.npy``: the caption features (N_cap, L, d) in ``--dtype``;
   ``src.txt``: the input's path relative to ``SRC`` (or to the list file).
 
 Shards are ``DIR/{split}-{000000..}.tar``, ``--shard-size`` inputs each; each is written under ``<name>.tmp`` and
 renamed when complete. A rerun skips shards whose final file exists and rewrites the others, so an interrupted run
 resumes; settings or inputs that differ from the directory's manifest are refused. Unreadable inputs are logged with
 their path and skipped, up to ``--max-bad`` in all; one more stops the run with an error. ``DIR/manifest.json``
-(``datamodules.manifest``) records the settings, the VAE's ``config()``, the classes, shapes and per-shard counts.
+(``datamodules.manifest``) records the settings, the VAE's ``config()``, the caption encoder's ``config()``
+(``caption_encoder``, with ``--clip``), the classes, shapes and per-shard counts.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import csv
 import hashlib
 import io
@@ -58,7 +67,7 @@ import re
 import shlex
 import sys
 import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -69,6 +78,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from datamodules.captions import CLIPCaptionEncoder
 from datamodules.manifest import (
     FORMAT,
     MANIFEST_NAME,
@@ -108,6 +118,7 @@ class Item:
         rel: path relative to the source folder or list file (stored as ``src.txt``).
         label: class id, or None.
         caption_feature: absolute path of a (N_cap, L, d) ``.npy``, or None.
+        captions: the N_cap caption texts to encode (``--clip``), or None.
     """
 
     index: int
@@ -115,6 +126,7 @@ class Item:
     rel: str
     label: int | None = None
     caption_feature: str | None = None
+    captions: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -127,11 +139,13 @@ class Inputs:
     caption_feature_shape: list[int | None] | None = None
 
     def fingerprint(self) -> dict[str, Any]:
-        """``{"count", "sha256"}`` of the list (paths, labels, caption files): reruns must see the same list."""
+        """``{"count", "sha256"}`` of the list (paths, labels, caption files or texts): reruns must see the same
+        list."""
         digest = hashlib.sha256()
         for item in self.items:
             caption = Path(item.caption_feature).name if item.caption_feature else None  # movable data: no abs paths
-            digest.update(f"{item.rel}\t{item.label}\t{caption}\n".encode())
+            texts = "" if item.captions is None else "\t" + json.dumps(item.captions, ensure_ascii=False)
+            digest.update(f"{item.rel}\t{item.label}\t{caption}{texts}\n".encode())
         return {"count": len(self.items), "sha256": digest.hexdigest()}
 
 
@@ -242,14 +256,34 @@ def _caption_shape(paths: Sequence[str | None]) -> list[int | None] | None:
     return [counts.pop() if len(counts) == 1 else None, *tails.pop()]
 
 
-def list_inputs(src: str | os.PathLike, kind: Kind, *, labels: str = "none", captions: str | None = None) -> Inputs:
-    """The sorted input list of a folder or list file, with class ids and caption feature files.
+def _caption_texts(value: Any, where: str) -> tuple[str, ...]:
+    """The captions of one ``caption`` cell: a string, or a JSON list of strings (a list in JSONL, or its text)."""
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        with contextlib.suppress(json.JSONDecodeError):  # else a caption that happens to start with '['
+            value = json.loads(value)
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(isinstance(c, str) and c.strip() for c in value):
+        raise ValueError(f"{where}: 'caption' must be a string or a non-empty JSON list of non-empty strings; got "
+                         f"{str(value)[:80]!r}")  # fmt: skip
+    return tuple(value)
+
+
+def _has_text(row: Mapping[str, Any]) -> bool:
+    return row.get("caption") not in (None, "")
+
+
+def list_inputs(src: str | os.PathLike, kind: Kind, *, labels: str = "none", captions: str | None = None,
+                caption_text: bool = False) -> Inputs:  # fmt: skip
+    """The sorted input list of a folder or list file, with class ids and caption feature files or texts.
 
     Args:
         src: a folder of images / frame folders, or a ``.csv``/``.tsv``/``.jsonl`` list file.
         kind: ``"images"`` or ``"videos"``.
         labels: ``"none"``, ``"folders"``, ``"list"`` or a names file (see the module docstring).
-        captions: a list file with ``path`` and ``caption_feature`` columns joined by path.
+        captions: a list file with ``path`` and ``caption_feature`` or ``caption`` columns joined by path.
+        caption_text: the ``caption`` texts will be encoded (``--clip``): every input needs one, and no
+            ``caption_feature`` may be given. When False, a ``caption`` without a ``caption_feature`` is an error.
 
     Raises:
         ValueError: no input, a label or caption setting that does not fit the input (named in the message).
@@ -271,11 +305,6 @@ def list_inputs(src: str | os.PathLike, kind: Kind, *, labels: str = "none", cap
     elif source.suffix.lower() in LIST_EXTENSIONS:
         base = source.parent
         rows = _read_table(source)
-        if any("caption" in r and "caption_feature" not in r for r in rows):
-            raise ValueError(
-                f"{source}: rows with 'caption' text but no 'caption_feature': encoding captions (CLIP ViT-L/14, "
-                "(N_cap, 77, 768) as upstream) is not done here; precompute them and list their .npy files"
-            )
     else:
         raise ValueError(f"SRC={str(src)!r}: neither a folder nor a list file ({', '.join(LIST_EXTENSIONS)})")
     for row in rows:
@@ -292,6 +321,34 @@ def list_inputs(src: str | os.PathLike, kind: Kind, *, labels: str = "none", cap
             if row["abs"] in table and table[row["abs"]].get("caption_feature"):
                 row["caption_feature"] = table[row["abs"]]["caption_feature"]
                 row["caption_base"] = str(Path(captions).resolve().parent)
+            if row["abs"] in table and _has_text(table[row["abs"]]):
+                row["caption"] = table[row["abs"]]["caption"]
+    where = f"--captions {captions}" if captions is not None else str(source)
+    texts = [r for r in rows if _has_text(r)]
+    if caption_text:
+        if not texts:
+            raise ValueError("--clip: no input has 'caption' text to encode (a 'caption' column in SRC or --captions)")
+        with_features = [r["rel"] for r in rows if r.get("caption_feature")]
+        if with_features:
+            raise ValueError(
+                f"--clip encodes the 'caption' texts, but {where} also gives caption_feature files (first for "
+                f"{with_features[0]!r}): drop --clip to store the precomputed features, or the caption_feature column"
+            )
+        missing = [r["rel"] for r in rows if not _has_text(r)]
+        if missing:
+            raise ValueError(f"--clip: caption text is given for some inputs but not for {missing[0]!r}; give it "
+                             "for all")  # fmt: skip
+        for row in rows:
+            row["captions"] = _caption_texts(row["caption"], f"{where}: {row['rel']}")
+    else:
+        text_only = [r["rel"] for r in texts if not r.get("caption_feature")]
+        if text_only:
+            raise ValueError(
+                f"{where}: {len(text_only)} inputs have 'caption' text but no 'caption_feature' (first "
+                f"{text_only[0]!r}): pass --clip PATH_OR_ID to encode them with a CLIP text model (upstream: "
+                "openai/clip-vit-large-patch14, (N_cap, 77, 768) features), or list precomputed .npy files in a "
+                "caption_feature column"
+            )
     for row in rows:
         if row.get("caption_feature"):
             row["caption_abs"] = str((Path(row.get("caption_base", base)) / row["caption_feature"]).resolve())
@@ -321,7 +378,14 @@ def list_inputs(src: str | os.PathLike, kind: Kind, *, labels: str = "none", cap
         ids, label_names = _label_ids(raw, names, f"--labels {labels}")  # type: ignore[assignment]
 
     items = [
-        Item(index=i, path=r["abs"], rel=r["rel"], label=ids[i], caption_feature=r.get("caption_abs"))
+        Item(
+            index=i,
+            path=r["abs"],
+            rel=r["rel"],
+            label=ids[i],
+            caption_feature=r.get("caption_abs"),
+            captions=r.get("captions"),
+        )
         for i, r in enumerate(rows)
     ]
     cap_shape = _caption_shape([it.caption_feature for it in items])
@@ -503,8 +567,11 @@ def _chunks(items: Sequence[Item], size: int) -> Iterator[Sequence[Item]]:
         yield items[start : start + size]
 
 
-def write_shard(task: ShardTask, vae: FrozenVAE | None, caption_tail: tuple[int, ...] | None = None) -> ShardResult:
+def write_shard(task: ShardTask, vae: FrozenVAE | None, caption_tail: tuple[int, ...] | None = None,
+                clip: CLIPCaptionEncoder | None = None) -> ShardResult:  # fmt: skip
     """Write one shard under ``<name>.tmp`` and rename it to ``<name>`` when complete.
+
+    ``clip`` encodes the caption texts of inputs that have them (``Item.captions``), one batch of inputs at a time.
 
     Raises:
         RuntimeError: more than ``max_bad`` of the shard's inputs are unreadable (no shard is left behind).
@@ -532,6 +599,7 @@ def write_shard(task: ShardTask, vae: FrozenVAE | None, caption_tail: tuple[int,
                         )
                     if not loaded:
                         continue
+                    _encode_captions(loaded, clip, opts.dtype)
                     pixels = to_pixels([im for _, x in loaded for im in x["images"]])  # (N, 3, S, S)
                     if opts.kind == "videos":
                         pixels = pixels.view(len(loaded), -1, *pixels.shape[1:])  # (B, T, 3, S, S)
@@ -557,6 +625,22 @@ def write_shard(task: ShardTask, vae: FrozenVAE | None, caption_tail: tuple[int,
     return ShardResult(task.name, count, bad, written=True)
 
 
+def _encode_captions(loaded: list[tuple[Item, dict[str, Any]]], clip: CLIPCaptionEncoder | None,
+                     dtype: StoreDtype) -> None:  # fmt: skip
+    """Set ``x["caption"]`` to the (N_cap, L, d) features of each loaded input with caption texts."""
+    texts = [c for item, _ in loaded if item.captions is not None for c in item.captions]
+    if not texts:
+        return
+    if clip is None:
+        raise RuntimeError("inputs with caption texts need a caption encoder (--clip)")
+    features = clip.encode(texts).astype(dtype)  # (sum N_cap, L, d)
+    start = 0
+    for item, x in loaded:
+        if item.captions is not None:
+            x["caption"] = features[start : start + len(item.captions)]
+            start += len(item.captions)
+
+
 def read_done_shard(task: ShardTask) -> ShardResult | None:
     """The result of a shard an earlier run completed (its bad inputs are those whose key it lacks); None if the
     file is unreadable (it is then rewritten)."""
@@ -573,21 +657,23 @@ def read_done_shard(task: ShardTask) -> ShardResult | None:
     return ShardResult(task.name, len(task.items) - len(bad), bad, written=False)
 
 
-# Per worker process: the VAE, loaded once by the pool's initializer (not shared between processes).
+# Per worker process: the VAE and caption encoder, loaded once by the pool's initializer (not shared between processes).
 _WORKER_STATE: dict[str, Any] = {}
 
 
-def _init_worker(vae_kwargs: dict[str, Any] | None, caption_tail: tuple[int, ...] | None, threads: int) -> None:
+def _init_worker(vae_kwargs: dict[str, Any] | None, caption_tail: tuple[int, ...] | None, threads: int,
+                 clip_kwargs: dict[str, Any] | None = None) -> None:  # fmt: skip
     torch.set_num_threads(threads)
     _WORKER_STATE["vae"] = FrozenVAE(**vae_kwargs) if vae_kwargs is not None else None
     _WORKER_STATE["caption_tail"] = caption_tail
+    _WORKER_STATE["clip"] = CLIPCaptionEncoder(**clip_kwargs) if clip_kwargs is not None else None
 
 
 def _run_task(task: ShardTask) -> ShardResult:
-    return write_shard(task, _WORKER_STATE["vae"], _WORKER_STATE["caption_tail"])
+    return write_shard(task, _WORKER_STATE["vae"], _WORKER_STATE["caption_tail"], _WORKER_STATE["clip"])
 
 
-def _worker_context() -> multiprocessing.context.BaseContext:
+def _worker_context(captions: bool = False) -> multiprocessing.context.BaseContext:
     """Fresh worker processes, never forks of this one (which may hold a CUDA context or OpenMP threads).
 
     ``forkserver`` where available: one clean server process imports the heavy dependencies once, and every worker
@@ -597,7 +683,8 @@ def _worker_context() -> multiprocessing.context.BaseContext:
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["datamodules", "datamodules.manifest", "zigma.vae", "webdataset", "diffusers"])
+    preload = ["datamodules", "datamodules.manifest", "zigma.vae", "webdataset", "diffusers"]
+    context.set_forkserver_preload(preload + (["transformers"] if captions else []))
     return context
 
 
@@ -609,6 +696,7 @@ def prepare(
     vae_kwargs: dict[str, Any] | None,
     labels: str = "none",
     captions: str | None = None,
+    clip_kwargs: dict[str, Any] | None = None,
     workers: int = 1,
     command: str | None = None,
     progress: bool | None = None,
@@ -620,6 +708,8 @@ def prepare(
         options: what to write where.
         vae_kwargs: ``FrozenVAE`` arguments (the VAE is loaded once here and once per worker); None with
             ``latents="none"``.
+        clip_kwargs: ``CLIPCaptionEncoder`` arguments to encode ``caption`` texts (loaded once here and once per
+            worker, which encodes the captions of its shard); None: captions only as feature files.
         workers: worker processes, one shard per task (0 or 1: write in this process).
         command: recorded in the manifest (default: this process's command line).
         progress: show a tqdm bar (None: only on a terminal).
@@ -638,8 +728,12 @@ def prepare(
         raise ValueError(
             f"--resolution {opts.resolution} is not divisible by the VAE's downsample factor {vae.downsample_factor}"
         )
-    inputs = list_inputs(src, opts.kind, labels=labels, captions=captions)
-    settings = _settings(opts, inputs, vae)
+    inputs = list_inputs(src, opts.kind, labels=labels, captions=captions, caption_text=clip_kwargs is not None)
+    clip = CLIPCaptionEncoder(**clip_kwargs) if clip_kwargs is not None else None
+    if clip is not None:
+        counts = {len(it.captions or ()) for it in inputs.items}
+        inputs.caption_feature_shape = [counts.pop() if len(counts) == 1 else None, *clip.shape]
+    settings = _settings(opts, inputs, vae, clip)
     caption_tail = tuple(inputs.caption_feature_shape[1:]) if inputs.caption_feature_shape else None
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -678,12 +772,13 @@ def prepare(
     try:
         if workers <= 1:
             for task in todo:
-                collect(write_shard(task, vae, caption_tail))
+                collect(write_shard(task, vae, caption_tail, clip))
         elif todo:
             threads = max(1, (os.cpu_count() or 1) // workers)
-            context = _worker_context()
+            context = _worker_context(captions=clip_kwargs is not None)
+            init_args = (vae_kwargs, caption_tail, threads, clip_kwargs)
             pool = concurrent.futures.ProcessPoolExecutor(
-                workers, mp_context=context, initializer=_init_worker, initargs=(vae_kwargs, caption_tail, threads)
+                workers, mp_context=context, initializer=_init_worker, initargs=init_args
             )
             with pool:
                 futures = [pool.submit(_run_task, task) for task in todo]
@@ -747,7 +842,8 @@ def _check_options(opts: Options, vae_kwargs: dict[str, Any] | None, workers: in
         raise ValueError("--latents none with --no-images would write empty samples")
 
 
-def _settings(opts: Options, inputs: Inputs, vae: FrozenVAE | None) -> dict[str, Any]:
+def _settings(opts: Options, inputs: Inputs, vae: FrozenVAE | None,
+              clip: CLIPCaptionEncoder | None = None) -> dict[str, Any]:  # fmt: skip
     """The manifest's top level (everything but ``splits``): what every sample of the directory is."""
     S = opts.resolution
     keys: dict[str, Any] = {"src.txt": {"content": "input path relative to SRC or the list file"}}
@@ -767,6 +863,8 @@ def _settings(opts: Options, inputs: Inputs, vae: FrozenVAE | None) -> dict[str,
         keys["cls"] = {"content": "class id as decimal text", "num_classes": len(inputs.label_names)}
     if inputs.caption_feature_shape is not None:
         keys["caption_feature.npy"] = {"shape": inputs.caption_feature_shape, "dtype": opts.dtype}
+        if clip is not None:
+            keys["caption_feature.npy"]["content"] = "CLIP text model last hidden states of the caption texts"
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -787,6 +885,7 @@ def _settings(opts: Options, inputs: Inputs, vae: FrozenVAE | None) -> dict[str,
         "label_names": inputs.label_names,
         "label_source": inputs.label_source,
         "caption_feature_shape": inputs.caption_feature_shape,
+        "caption_encoder": clip.config() if clip is not None else None,
         "seed": opts.seed,
     }
 
@@ -854,14 +953,15 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--vae-subfolder", default=None, help="e.g. 'vae' for a whole Stable Diffusion repo")
     common.add_argument("--vae-scale", type=float, default=SD_LATENT_SCALE, help="recorded latent scale")
     common.add_argument("--vae-dtype", default="float32", help="the VAE's compute dtype")
-    common.add_argument("--allow-download", action="store_true", help="let diffusers fetch a hub VAE")
+    common.add_argument("--allow-download", action="store_true", help="let diffusers/transformers fetch hub models")
     common.add_argument("--latents", default="sample", choices=get_args(LatentMode))
     common.add_argument("--latent-key", default=None, help="latent suffix (default: latent.npy / frame_feature256.npy)")
     common.add_argument("--dtype", default="float32", choices=get_args(StoreDtype), help="stored latent dtype")
     common.add_argument("--image-format", default="jpg", choices=get_args(ImageFormat))
     common.add_argument("--no-images", action="store_true", help="store latents only (no jpg/png)")
     common.add_argument("--labels", default="none", help="none | folders | list | a class names file")
-    common.add_argument("--captions", default=None, help="list file with path and caption_feature columns")
+    common.add_argument("--captions", default=None, help="list file with path and caption_feature or caption columns")
+    common.add_argument("--clip", default=None, help="CLIP text model directory or hub id: encode 'caption' texts")
     common.add_argument("--seed", type=int, default=0, help="seeds the posterior samples (per sample index)")
     common.add_argument("--batch-size", type=int, default=32, help="images per VAE call")
     common.add_argument("--max-bad", type=int, default=100, help="unreadable inputs skipped before an error")
@@ -887,6 +987,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                           subfolder=args.vae_subfolder, local_files_only=not args.allow_download, scale=args.vae_scale,
                           sample=args.latents in ("sample", "both-flips"), dtype=args.vae_dtype,
                           chunk_size=args.batch_size, device=args.device)  # fmt: skip
+    clip_kwargs = None
+    if args.clip is not None:
+        clip_path = Path(args.clip).expanduser()
+        clip_kwargs = dict(name_or_path=str(clip_path.resolve()) if clip_path.is_dir() else args.clip,
+                           local_files_only=not args.allow_download, batch_size=args.batch_size,
+                           device=args.device)  # fmt: skip
     options = Options(
         kind=args.kind,
         out=str(Path(args.out).expanduser().resolve()),
@@ -905,7 +1011,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     command = shlex.join(["python", "-m", "datamodules.prepare", *argv])
     return prepare(args.src, options, vae_kwargs=vae_kwargs, labels=args.labels, captions=args.captions,
-                   workers=args.workers, command=command, progress=False if args.quiet else None)  # fmt: skip
+                   clip_kwargs=clip_kwargs, workers=args.workers, command=command,
+                   progress=False if args.quiet else None)  # fmt: skip
 
 
 __all__ = [
