@@ -1,0 +1,30 @@
+"""Image metrics without Lightning: Gaussian feature statistics, the Fréchet distance, FID's Inception extractor and
+cached reference statistics. torch-fidelity and PIL are imported only when used."""
+
+from zigma.metrics.frechet import GaussianStats, frechet_distance
+from zigma.metrics.inception import INCEPTION_WEIGHTS_FILE, InceptionFeatures, load_inception, to_uint8
+
+_REFERENCE = ("compute_stats", "load_reference", "reference_stats")
+
+
+def __getattr__(name: str):
+    # zigma.metrics.reference is imported lazily so `python -m zigma.metrics.reference` does not find it already
+    # imported (runpy's RuntimeWarning).
+    if name in _REFERENCE:
+        from zigma.metrics import reference
+
+        return getattr(reference, name)
+    raise AttributeError(f"module 'zigma.metrics' has no attribute {name!r}")
+
+
+__all__ = [
+    "INCEPTION_WEIGHTS_FILE",
+    "GaussianStats",
+    "InceptionFeatures",
+    "compute_stats",
+    "frechet_distance",
+    "load_inception",
+    "load_reference",
+    "reference_stats",
+    "to_uint8",
+]
