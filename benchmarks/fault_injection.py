@@ -1,0 +1,200 @@
+"""SIGKILL fault injection: does every training run survive being killed at random moments?
+
+    python benchmarks/fault_injection.py                      # 20 trials, seed 0
+    python benchmarks/fault_injection.py --trials 5 --keep runs_faults/
+
+Each trial trains ``python cli.py fit --config configs/quickstart.yaml --config tests/e2e/tiny.yaml --config
+tests/e2e/faults.yaml --ckpt_path last`` (12 steps of a tiny model, a checkpoint every step) in a subprocess, SIGKILLs
+it 1-3 times at moments drawn from ``random.Random(seed)`` and relaunches the same command after every kill (so later
+kills hit resumed runs), then lets the last launch finish. Kill moments: ``startup`` (0.2-5 s after launch: imports,
+config, model, first checkpoint), ``steps`` (0-1 s after the launch's first new checkpoint) and ``write`` (as soon as
+the n-th new checkpoint temporary appears, n in 1..4: inside ``torch.save``, fsync or rename).
+
+Per kill it records the progress (the highest step whose checkpoint write had begun: that step's update was done),
+the highest step among the ``.ckpt`` files that load (what ``--ckpt_path last`` should resume from), every ``.ckpt``
+file that fails ``torch.load(weights_only=True)``, and whether a torn ``.*.tmp`` was left (the kill hit a write). The
+next launch records the step it actually started training from (``tests.e2e.helpers.StateProbe``), which must
+equal that highest loadable step. A trial survives when its last launch exits 0 at max_steps with a
+``last.ckpt`` at max_steps, no corrupt ``.ckpt`` was ever seen in its run directory and every resume started where it
+should. Steps lost per kill = progress minus the step resumed from (updates that had to be trained again).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import os
+import platform
+import random
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import lightning
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ["--config", "configs/quickstart.yaml", "--config", "tests/e2e/tiny.yaml",
+           "--config", "tests/e2e/faults.yaml"]  # fmt: skip
+MAX_STEPS = 12  # tests/e2e/faults.yaml
+MOMENTS = ("startup", "steps", "write")
+STEP_FILE = re.compile(r"^\.?step(\d+)\.ckpt")  # step000007.ckpt and its temporary .step000007.ckpt.<rand>.tmp
+
+
+def _command(runs: Path) -> list[str]:
+    return [sys.executable, "cli.py", "fit", *CONFIGS, "--trainer.logger.init_args.save_dir", str(runs),
+            "--ckpt_path", "last", "--trainer.callbacks+=tests.e2e.helpers.StateProbe"]  # fmt: skip
+
+
+def _launch(runs: Path, log: Path, probe: Path) -> subprocess.Popen:
+    """One launch of the training command; StateProbe saves the step it starts from to ``probe``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PYTHONUNBUFFERED="1", ZIGMA_STATE_PROBE=str(probe))
+    with open(log, "w") as out:
+        return subprocess.Popen(_command(runs), cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def _checkpoint_names(runs: Path) -> set[str]:
+    """Names in every run's checkpoints/ directory (cheap enough to poll every few milliseconds)."""
+    names = set()
+    for ckpts in runs.glob("*/*/checkpoints"):
+        with contextlib.suppress(FileNotFoundError):  # a run directory being created
+            names.update(f"{ckpts}/{entry.name}" for entry in os.scandir(ckpts))
+    return names
+
+
+def _load_step(path: Path) -> int | None:
+    """Global step of a checkpoint, or None when it does not load with weights_only=True."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
+    except Exception:
+        return None
+
+
+def _corrupt(runs: Path) -> set[Path]:
+    return {p for p in runs.rglob("*.ckpt") if _load_step(p) is None}
+
+
+def newest_step(runs: Path) -> int:
+    """The step ``--ckpt_path last`` can resume from: the highest of the checkpoints that load (0: none)."""
+    return max((s for p in runs.rglob("*.ckpt") if (s := _load_step(p)) is not None), default=0)
+
+
+def launch_and_kill(runs: Path, log: Path, probe: Path, moment: str, rng: random.Random) -> dict:
+    """Start a launch and SIGKILL it at ``moment``; ``killed`` is False when it finished first."""
+    before = _checkpoint_names(runs)
+    proc = _launch(runs, log, probe)
+    launched = time.monotonic()
+    if moment == "startup":
+        deadline = launched + rng.uniform(0.2, 5.0)
+    else:
+        wanted = rng.randint(1, 4) if moment == "write" else 1
+        suffix = ".tmp" if moment == "write" else ".ckpt"
+        delay = rng.uniform(0.0, 1.0) if moment == "steps" else 0.0
+        seen: set[str] = set()
+        while proc.poll() is None and len(seen) < wanted:
+            seen.update(n for n in _checkpoint_names(runs) - before if n.endswith(suffix))
+            time.sleep(0.001)
+        deadline = time.monotonic() + delay
+    while time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.002)
+    at_s = time.monotonic() - launched
+    if proc.poll() is not None:
+        return {"moment": moment, "killed": False, "rc": proc.returncode}
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    new = [Path(n).name for n in _checkpoint_names(runs) - before]
+    steps = [int(m.group(1)) for n in new if (m := STEP_FILE.match(n))]
+    return {"moment": moment, "killed": True, "at_s": at_s, "progress": max(steps, default=0),
+            "torn": sorted(n for n in new if n.endswith(".tmp"))}  # fmt: skip
+
+
+def _probed_step(probe: Path) -> int | None:
+    try:
+        return int(torch.load(probe, weights_only=True)["global_step"])
+    except Exception:  # not written (killed before training started) or torn
+        return None
+
+
+def trial(index: int, work: Path, rng: random.Random, max_kills: int) -> dict:
+    """One trial: 1..max_kills kills with a relaunch after each, then a launch that runs to the end."""
+    work.mkdir(parents=True)
+    runs = work / "runs"
+    launches, corrupt_seen = [], set()
+    for i in range(rng.randint(1, max_kills)):
+        outcome = launch_and_kill(runs, work / f"launch{i}.log", work / f"probe{i}.pt", rng.choice(MOMENTS), rng)
+        launches.append(outcome)
+        if not outcome["killed"]:
+            break  # it ran to the end
+        corrupt_seen |= _corrupt(runs)
+        outcome["resumable"] = newest_step(runs)
+        outcome["lost"] = max(0, outcome["progress"] - outcome["resumable"])
+    if launches[-1]["killed"]:
+        i = len(launches)
+        proc = _launch(runs, work / f"launch{i}.log", work / f"probe{i}.pt")
+        launches.append({"moment": None, "killed": False, "rc": proc.wait()})
+    # the launch after a kill must resume from the newest checkpoint that loads
+    for i, outcome in enumerate(launches[:-1]):
+        outcome["resumed"] = _probed_step(work / f"probe{i + 1}.pt")
+    kills = [o for o in launches if o["killed"]]
+    wrong_resume = sum(k["resumed"] not in (None, k["resumable"]) for k in kills)
+    corrupt_seen |= _corrupt(runs)
+    lasts = [_load_step(p) for p in runs.rglob("last.ckpt")]
+    final_log = (work / f"launch{len(launches) - 1}.log").read_text()
+    finished = launches[-1]["rc"] == 0 and f"`max_steps={MAX_STEPS}` reached" in final_log
+    survived = finished and MAX_STEPS in lasts and not corrupt_seen and not wrong_resume
+    return {"trial": index, "kills": kills, "survived": survived, "corrupt": sorted(map(str, corrupt_seen)),
+            "wrong_resume": wrong_resume, "leftover_tmp": len(list(runs.rglob(".*.tmp")))}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-kills", type=int, default=3, help="kills per trial are drawn from 1..max-kills")
+    parser.add_argument("--keep", type=Path, default=None, help="keep the runs here (default: a deleted temp dir)")
+    args = parser.parse_args()
+    rng = random.Random(args.seed)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.keep or Path(tmp)
+        results = []
+        for i in range(args.trials):
+            result = trial(i, work / f"trial{i:02d}", rng, args.max_kills)
+            results.append(result)
+            detail = ", ".join(f"{k['moment']}@{k['at_s']:.1f}s step {k['progress']}->{k['resumable']}"
+                               + (" (in a write)" if k["torn"] else "") for k in result["kills"])  # fmt: skip
+            print(f"trial {i:2d}: {'survived' if result['survived'] else 'FAILED'}; {detail}", flush=True)
+    elapsed = time.monotonic() - started
+
+    kills = [k for r in results for k in r["kills"]]
+    lost = [k["lost"] for k in kills]
+    by_moment = ", ".join(f"{m} {sum(k['moment'] == m for k in kills)}" for m in MOMENTS)
+    print()
+    print(f"SIGKILL fault injection: {platform.machine()} {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+          f"lightning {lightning.__version__}, commit {commit.stdout.strip() or '?'}, "
+          f"{datetime.date.today().isoformat()}, seed {args.seed}, {MAX_STEPS} steps per trial, "
+          "a checkpoint every step")  # fmt: skip
+    print()
+    checked = [k for k in kills if k["resumed"] is not None]
+    print("| trials | kills | kills inside a checkpoint write | survived | corrupt checkpoints found "
+          "| resumed at the newest loadable step | steps lost (total / mean / max per kill) | leftover .tmp files "
+          "| wall time |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"| {len(results)} | {len(kills)} ({by_moment}) | {sum(bool(k['torn']) for k in kills)} "
+          f"| {sum(r['survived'] for r in results)}/{len(results)} | {sum(len(r['corrupt']) for r in results)} "
+          f"| {sum(k['resumed'] == k['resumable'] for k in checked)}/{len(checked)} "
+          f"| {sum(lost)} / {sum(lost) / max(1, len(lost)):.2f} / {max(lost, default=0)} "
+          f"| {sum(r['leftover_tmp'] for r in results)} | {elapsed:.0f} s |")  # fmt: skip
+    if not all(r["survived"] for r in results):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
