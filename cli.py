@@ -199,7 +199,8 @@ def check_model_matches_data(model: FlowMatchingModule, data: ZigMaDataModule | 
             raise ConfigError(f"the data yields pixels of shape {tuple(pixel_shape)} to encode: set model.vae "
                               "(a diffusers AutoencoderKL directory or hub id)")  # fmt: skip
         factor = model.vae.downsample_factor
-        want = (model.vae.latent_channels, pixel_shape[-2] // factor, pixel_shape[-1] // factor)
+        latent = (model.vae.latent_channels, pixel_shape[-2] // factor, pixel_shape[-1] // factor)
+        want = (pixel_shape[0], *latent) if len(pixel_shape) == 4 else latent  # video frames (T, 3, S, S)
     if want and len(want) != len(model.sample_shape):
         kind = "video clips (T, C, H, W)" if len(want) == 4 else "images (C, H, W)"
         raise ConfigError(

@@ -6,13 +6,16 @@ Shard keys (suffixes after the sample key; ``a;b`` means "a, else b"): latents `
 ``latent_scale`` on load as upstream does; also the other layouts ``prepare`` writes: (2, C, h, w) latents of the image
 and its mirror image (``hflip`` then picks one instead of mirroring a latent), and ``<stem>_mean.npy`` +
 ``<stem>_std.npy`` posterior moments (a fresh sample is drawn per sample and epoch). Images ``jpg``/``png``, labels
-``cls`` (a text integer), caption features ``npy`` (N_cap, L, d), video latents ``frame_feature256.npy`` (T, C, h, w).
+``cls`` (a text integer), caption features ``npy`` (N_cap, L, d), video latents ``frame_feature256.npy`` (T, C, h, w),
+video frames (``VideoWebDataModule(frames_key=...)``): a uint8 (T, H, W, 3) array such as ``frames.npy``, or one
+image member per frame ``<t>.jpg`` / ``<t>.png`` (t an integer; frames in the order of t).
 When the shards have a ``manifest.json`` (``datamodules.manifest``), its per-shard counts are used and a
 ``latent_scale`` that disagrees with it is warned about.
 
 Batches (``datamodules.base``): latents ``{"x": (B, C, h, w) float32}``, video ``{"x": (B, T, C, h, w) float32}``,
-images ``{"pixels": (B, 3, H, W) float32 in [-1, 1]}`` (the LightningModule encodes them with its frozen VAE, so the
-latent shape is unknown here: ``sample_shape`` is None and ``pixel_shape`` is set), plus ``"y"``: class ids (B,) int64
+images ``{"pixels": (B, 3, H, W) float32 in [-1, 1]}`` and video frames ``{"pixels": (B, T, 3, H, W)}`` (the
+LightningModule encodes them with its frozen VAE, so the latent shape is unknown here: ``sample_shape`` is None and
+``pixel_shape`` is set), plus ``"y"``: class ids (B,) int64
 or one caption's features (B, L, d) float32 per sample.
 
 Distribution (each step is a function in ``datamodules.shards``):
@@ -116,7 +119,8 @@ def _npy(data: bytes) -> np.ndarray:
 class SampleDecoder:
     """Raw shard sample (bytes per suffix) -> one training sample ``{"x" or "pixels": tensor, "y": ...}``.
 
-    ``kind``: ``"latent"`` (C, h, w), ``"image"`` (3, resolution, resolution) or ``"video"`` (video_frames, C, h, w).
+    ``kind``: ``"latent"`` (C, h, w), ``"image"`` (3, resolution, resolution), ``"video"`` (video_frames, C, h, w)
+    latents or ``"frames"`` (video_frames, 3, resolution, resolution) pixels of video frames.
     Call as ``decoder(sample, epoch, repeat)``; the per-sample draws are functions of (seed, epoch, repeat, key).
     After ``expect(shapes)`` a sample whose shapes differ raises (so it is counted as bad, not stacked).
     """
@@ -146,6 +150,8 @@ class SampleDecoder:
         out: dict[str, Any] = {}
         if self.kind == "image":
             out["pixels"] = self._image(_pick(sample, self.data_key), flip)
+        elif self.kind == "frames":
+            out["pixels"] = self._frames(sample, draw)
         else:
             x, mirrored = self._raw_latent(sample, flip, draw)
             flip = flip and not mirrored
@@ -202,6 +208,53 @@ class SampleDecoder:
 
         with Image.open(io.BytesIO(data)) as image:
             image = image.convert("RGB")
+        pixels = self._resize_crop(image)
+        return pixels.flip(-1) if flip else pixels
+
+    def _frames(self, sample: dict[str, Any], draw: partial) -> torch.Tensor:
+        """Video frames -> (video_frames, 3, S, S) float32 in [-1, 1]: cropped in time at a drawn start frame (as
+        latent clips), then each frame resized and centre-cropped as an image (``_resize_crop``)."""
+        from PIL import Image
+
+        frames = self._frame_list(sample)
+        if len(frames) < self.video_frames:
+            raise ValueError(f"clip of {len(frames)} frames, fewer than video_frames={self.video_frames}")
+        start = int(draw(_CROP).integers(len(frames) - self.video_frames + 1))
+        out = []
+        for frame in frames[start : start + self.video_frames]:
+            if isinstance(frame, bytes):
+                with Image.open(io.BytesIO(frame)) as image:
+                    image = image.convert("RGB")
+            else:
+                image = Image.fromarray(np.ascontiguousarray(frame))  # (H, W, 3) uint8: RGB
+            out.append(self._resize_crop(image))
+        return torch.stack(out)  # (T, 3, S, S)
+
+    def _frame_list(self, sample: dict[str, Any]) -> Sequence[np.ndarray] | list[bytes]:
+        """The sample's frames in temporal order: the (T, H, W, 3) uint8 array of the first ``.npy`` alternative of
+        ``data_key`` it holds, else its ``<t>.<ext>`` image members for an image extension ``ext`` of ``data_key``."""
+        for name in self.data_key.split(";"):
+            if name.endswith(".npy") and name in sample:
+                x = _npy(sample[name])
+                if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+                    raise ValueError(f"frames {name!r} of dtype {x.dtype} and shape {x.shape}; expected uint8 "
+                                     "(T, H, W, 3)")  # fmt: skip
+                return x
+            if not name.endswith(".npy"):
+                members = {}
+                for k in sample:
+                    index, dot, ext = k.partition(".")
+                    if dot and ext == name and index.isdigit():
+                        members[int(index)] = sample[k]
+                if members:
+                    return [members[t] for t in sorted(members)]
+        have = sorted(k for k in sample if not k.startswith("__"))
+        raise KeyError(f"no frames {self.data_key!r} in sample {sample.get('__key__')!r} (it has {have})")
+
+    def _resize_crop(self, image: Any) -> torch.Tensor:
+        """RGB PIL image -> (3, S, S) float32 in [-1, 1]: shorter side resized to S (bicubic), centre crop."""
+        from PIL import Image
+
         s = self.resolution
         w, h = image.size
         scale = s / min(w, h)
@@ -210,8 +263,7 @@ class SampleDecoder:
         left, top = (size[0] - s) // 2, (size[1] - s) // 2
         image = image.crop((left, top, left + s, top + s))
         pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, S, S)
-        pixels = pixels.float() / 127.5 - 1
-        return pixels.flip(-1) if flip else pixels
+        return pixels.float() / 127.5 - 1
 
 
 class ShardStream(IterableDataset):
@@ -443,7 +495,7 @@ class _ShardDataModule(ZigMaDataModule):
         self._counts: dict[str, int] = {}
         shapes = self._probe(self.shards[0])
         decoder.expect(shapes)
-        if decoder.kind != "image":
+        if decoder.kind in ("latent", "video"):
             _check_latent_scale(self.shards, decoder.latent_scale)
 
     def _probe(self, shard: str) -> dict[str, tuple[int, ...]]:
@@ -612,15 +664,23 @@ class WebDataModule(_ShardDataModule):
 
 
 class VideoWebDataModule(_ShardDataModule):
-    """Video latent shards (upstream UCF101: ``frame_feature256.npy`` (T, 4, 32, 32) raw latents + ``cls_id.cls``).
+    """Video latent shards (upstream UCF101: ``frame_feature256.npy`` (T, 4, 32, 32) raw latents + ``cls_id.cls``), or
+    video frames that the LightningModule encodes with its VAE (``frames_key``).
 
-    Batches ``{"x": (B, video_frames, C, h, w)}`` scaled latents and ``"y"`` (B,) int64 class ids;
-    ``sample_shape = (video_frames, C, h, w)``. Clips longer than ``video_frames`` are cropped in time at a start frame
-    drawn per sample and epoch (seeded); clips of exactly ``video_frames`` are used whole; shorter ones are bad samples.
-    Other arguments as in ``WebDataModule``.
+    Latents: batches ``{"x": (B, video_frames, C, h, w)}`` scaled latents and ``"y"`` (B,) int64 class ids;
+    ``sample_shape = (video_frames, C, h, w)``. Frames (``frames_key`` set): batches ``{"pixels": (B, video_frames,
+    3, S, S)}`` in [-1, 1], S = ``resolution``, each frame resized and centre-cropped as ``WebDataModule``'s images;
+    ``pixel_shape = (video_frames, 3, S, S)`` and ``sample_shape`` is None (the module's VAE gives the latent shape).
+    Clips longer than ``video_frames`` are cropped in time at a start frame drawn per sample and epoch (seeded); clips
+    of exactly ``video_frames`` are used whole; shorter ones are bad samples. Other arguments as in ``WebDataModule``.
 
     Args:
-        video_key: ``;``-separated alternatives for the (T, C, h, w) latents.
+        video_key: ``;``-separated alternatives for the (T, C, h, w) latents; ignored when ``frames_key`` is set.
+        frames_key: ``;``-separated alternatives for the frames: ``<name>.npy`` a uint8 (T, H, W, 3) array (another
+            dtype or shape is a bad sample), or an image extension (``jpg``, ``png``) for one member ``<t>.<ext>``
+            per frame, in the order of the integer t. None: the shards hold latents (``video_key``).
+        resolution: frames only: the shorter side of each frame is resized to it (bicubic) and the centre square
+            cropped.
         label_key: suffix of the class label; None: unconditional (``num_classes`` ignored).
     """
 
@@ -643,13 +703,19 @@ class VideoWebDataModule(_ShardDataModule):
         num_predict_samples: int = 16,
         predict_batch_size: int = 4,
         predict_seed: int = 0,
+        frames_key: str | None = None,
+        resolution: int = 256,
     ):
         if video_frames < 1:
             raise ValueError(f"data.video_frames must be >= 1; got {video_frames}")
+        if frames_key is not None and resolution < 1:
+            raise ValueError(f"data.resolution must be >= 1; got {resolution}")
         num_classes = num_classes if label_key is not None else 0
         _check_condition(label_key, num_classes, None)
-        decoder = SampleDecoder(kind="video", data_key=video_key, label_key=label_key, num_classes=num_classes,
-                                latent_scale=latent_scale, video_frames=video_frames, seed=seed)  # fmt: skip
+        decoder = SampleDecoder(kind="video" if frames_key is None else "frames",
+                                data_key=video_key if frames_key is None else frames_key, label_key=label_key,
+                                num_classes=num_classes, latent_scale=latent_scale, resolution=resolution,
+                                video_frames=video_frames, seed=seed)  # fmt: skip
         super().__init__(shards=shards, val_shards=val_shards, decoder=decoder, batch_size=batch_size,
                          num_workers=num_workers, shuffle_buffer=shuffle_buffer, seed=seed, resampled=resampled,
                          epoch_length=epoch_length, max_bad_samples=max_bad_samples,
@@ -657,7 +723,12 @@ class VideoWebDataModule(_ShardDataModule):
                          predict_seed=predict_seed)  # fmt: skip
         self.video_frames = video_frames
         self.num_classes = num_classes
-        self.sample_shape = decoder.shapes["x"]
+        if frames_key is None:
+            self.sample_shape = decoder.shapes["x"]
+            self.pixel_shape = None
+        else:
+            self.sample_shape = None  # the VAE's latent shape: known to the LightningModule, not here
+            self.pixel_shape = (video_frames, 3, resolution, resolution)
 
 
 def _check_latent_scale(shards: Sequence[str], latent_scale: float) -> None:

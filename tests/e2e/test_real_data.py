@@ -25,13 +25,16 @@ def prepare(*args: str) -> None:
 
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
-    """8 random RGB images in two class folders, sizes that need resizing and cropping to 16x16."""
+    """8 of the embedded LFW faces (scikit-image) as RGB PNGs in two class folders, cropped to different sizes so
+    the tool must resize and center-crop them to 16x16."""
+    from skimage.data import lfw_subset
+
     root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i in range(8):
-        folder = root / ("cats" if i % 2 else "dogs")
+    faces = (lfw_subset()[:8] * 255).round().astype(np.uint8)  # (8, 25, 25) grayscale in [0, 255]
+    for i, face in enumerate(faces):
+        folder = root / ("even" if i % 2 == 0 else "odd")
         folder.mkdir(exist_ok=True)
-        Image.fromarray(rng.integers(0, 255, (20 + i, 24, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        Image.fromarray(face[: 25 - i % 3]).convert("RGB").save(folder / f"{i}.png")
     return root
 
 
