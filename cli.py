@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
@@ -177,6 +178,20 @@ class ZigMaCLI(LightningCLI):
 
     def after_instantiate_classes(self) -> None:
         check_model_matches_data(self.model, self.datamodule)
+
+    def before_fit(self) -> None:
+        """A resumed run writes into the same TensorBoard run. Steps its previous process logged after the checkpoint
+        (before a kill or requeue) are re-done now, so hide them with TensorBoard's ``purge_step``: every step then
+        appears once in the curves. (TensorBoardLogger passes extra kwargs to its SummaryWriter, created lazily.)"""
+        ckpt_path = self.config["fit"].get("ckpt_path")
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        step = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)["global_step"]
+        for logger in self.trainer.loggers:
+            if not isinstance(logger, TensorBoardLogger) or logger._experiment is not None:
+                continue
+            if logger._kwargs.get("purge_step") is None:  # the CLI fills the writer's defaults, so it is present
+                logger._kwargs["purge_step"] = step
 
 
 def _first_useful_line(message: str) -> str:
