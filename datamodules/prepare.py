@@ -88,6 +88,7 @@ from datamodules.manifest import (
     settings_of,
     write_manifest,
 )
+from zigma.images import resize_center_crop
 from zigma.vae import DEFAULT_VAE, SD_LATENT_SCALE, FrozenVAE
 
 log = logging.getLogger("zigma.data.prepare")
@@ -399,17 +400,10 @@ def list_inputs(src: str | os.PathLike, kind: Kind, *, labels: str = "none", cap
 def center_crop(image: Image.Image, resolution: int) -> Image.Image:
     """RGB ``resolution`` x ``resolution``: shorter side resized to it (bicubic, antialiased), centre square cropped.
 
-    The same arithmetic as ``datamodules.webdataset.SampleDecoder._image``, so stored images and on-the-fly image
-    batches agree.
+    ``zigma.images.resize_center_crop``, shared with the loaders and the FID reference statistics, so stored images,
+    on-the-fly image batches and FID reals agree.
     """
-    image = image.convert("RGB")
-    s = resolution
-    w, h = image.size
-    scale = s / min(w, h)
-    size = (max(s, round(w * scale)), max(s, round(h * scale)))
-    image = image.resize(size, Image.Resampling.BICUBIC)
-    left, top = (size[0] - s) // 2, (size[1] - s) // 2
-    return image.crop((left, top, left + s, top + s))
+    return resize_center_crop(image, resolution)
 
 
 def load_image(path: str | os.PathLike, resolution: int) -> Image.Image:

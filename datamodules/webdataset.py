@@ -94,6 +94,7 @@ from datamodules.shards import (
     spread_batches,
     stream_rng,
 )
+from zigma.images import resize_center_crop
 
 log = logging.getLogger("zigma.data")
 
@@ -252,16 +253,8 @@ class SampleDecoder:
         raise KeyError(f"no frames {self.data_key!r} in sample {sample.get('__key__')!r} (it has {have})")
 
     def _resize_crop(self, image: Any) -> torch.Tensor:
-        """RGB PIL image -> (3, S, S) float32 in [-1, 1]: shorter side resized to S (bicubic), centre crop."""
-        from PIL import Image
-
-        s = self.resolution
-        w, h = image.size
-        scale = s / min(w, h)
-        size = (max(s, round(w * scale)), max(s, round(h * scale)))
-        image = image.resize(size, Image.Resampling.BICUBIC)
-        left, top = (size[0] - s) // 2, (size[1] - s) // 2
-        image = image.crop((left, top, left + s, top + s))
+        """RGB PIL image -> (3, S, S) float32 in [-1, 1] (``zigma.images.resize_center_crop``)."""
+        image = resize_center_crop(image, self.resolution)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, S, S)
         return pixels.float() / 127.5 - 1
 

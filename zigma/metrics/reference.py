@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from zigma.images import resize_center_crop
 from zigma.metrics.frechet import GaussianStats
 
 log = logging.getLogger(__name__)
@@ -137,14 +138,7 @@ def load_image(path: str | Path, resolution: int) -> Tensor:
     from PIL import Image
 
     with Image.open(path) as image:
-        image = image.convert("RGB")
-    s = resolution
-    w, h = image.size
-    scale = s / min(w, h)
-    size = (max(s, round(w * scale)), max(s, round(h * scale)))
-    image = image.resize(size, Image.Resampling.BICUBIC)
-    left, top = (size[0] - s) // 2, (size[1] - s) // 2
-    image = image.crop((left, top, left + s, top + s))
+        image = resize_center_crop(image, resolution)
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, S, S)
 
 
