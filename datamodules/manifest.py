@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import glob
 import json
-import math
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -42,6 +41,8 @@ from pathlib import Path
 from typing import Any
 
 import braceexpand
+
+from zigma.vae import same_setting
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "zigma-shards"
@@ -211,7 +212,7 @@ def check_manifest(
             for key in VAE_MATCH_KEYS:
                 if key in skip or key not in vae_config or key not in data_vae:
                     continue
-                if not _same(key, vae_config[key], data_vae[key]):
+                if not same_setting(key, vae_config[key], data_vae[key]):
                     diffs.append(f"vae.{key}: model {vae_config[key]!r}, data {data_vae[key]!r}")
     if num_classes is not None and int(num_classes) != int(manifest.get("num_classes") or 0):
         diffs.append(f"num_classes: model {num_classes}, data {manifest.get('num_classes') or 0}")
@@ -234,31 +235,9 @@ def diff_settings(ours: Mapping[str, Any], theirs: Mapping[str, Any], prefix: st
         a, b = ours.get(key), theirs.get(key)
         if isinstance(a, Mapping) and isinstance(b, Mapping):
             out.extend(diff_settings(a, b, f"{prefix}{key}."))
-        elif not _same(key, a, b):
+        elif not same_setting(key, a, b):
             out.append(f"{prefix}{key}: {a!r} != {b!r}")
     return out
-
-
-def _same(key: str, ours: Any, theirs: Any) -> bool:
-    """Equal up to JSON round trips: tuples as lists, ints as floats, floats to a relative 1e-6."""
-    if key == "shift":
-        ours, theirs = ours or 0.0, theirs or 0.0
-    if key == "name_or_path" and ours is not None and theirs is not None:
-        return _normalise_name(ours) == _normalise_name(theirs)
-    if isinstance(ours, bool) or isinstance(theirs, bool):
-        return ours == theirs
-    if isinstance(ours, (int, float)) and isinstance(theirs, (int, float)):
-        return math.isclose(float(ours), float(theirs), rel_tol=1e-6, abs_tol=1e-12)
-    if isinstance(ours, (list, tuple)) and isinstance(theirs, (list, tuple)):
-        return len(ours) == len(theirs) and all(_same("", a, b) for a, b in zip(ours, theirs))
-    return ours == theirs
-
-
-def _normalise_name(name: Any) -> str:
-    """A hub id as written; a local directory as its resolved absolute path."""
-    text = str(name).rstrip("/")
-    path = Path(text).expanduser()
-    return str(path.resolve()) if path.is_dir() else text
 
 
 __all__ = [

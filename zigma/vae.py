@@ -298,7 +298,7 @@ class FrozenVAE:
         diffs = [
             f"{key}: here {ours[key]!r}, manifest {manifest[key]!r}"
             for key in present
-            if key not in ignore and not _same(key, ours[key], manifest[key])
+            if key not in ignore and not same_setting(key, ours[key], manifest[key])
         ]
         if diffs:
             raise ValueError(
@@ -436,19 +436,20 @@ class FrozenVAE:
         return images.reshape(*lead, *images.shape[1:])
 
 
-def _same(key: str, ours: Any, theirs: Any) -> bool:
-    """Compare one config value with a manifest value (JSON may have turned tuples into lists, 0.0 into 0)."""
+def same_setting(key: str, ours: Any, theirs: Any) -> bool:
+    """Whether a setting equals its recorded value up to JSON round trips: tuples as lists, ints as floats, floats
+    to a relative 1e-6, a missing shift as 0, local directories by resolved path. Shared by
+    ``FrozenVAE.check_matches`` and ``datamodules.manifest``."""
     if key == "shift":
         ours, theirs = ours or 0.0, theirs or 0.0
-    if key == "name_or_path":
+    if key == "name_or_path" and ours is not None and theirs is not None:
         return _normalise_name(ours) == _normalise_name(theirs)
-    if isinstance(ours, float) or isinstance(theirs, float):
-        try:
-            return math.isclose(float(ours), float(theirs), rel_tol=1e-6, abs_tol=1e-12)
-        except (TypeError, ValueError):
-            return False
-    if isinstance(ours, list) and isinstance(theirs, (list, tuple)):
-        return len(ours) == len(theirs) and all(_same("", a, b) for a, b in zip(ours, theirs))
+    if isinstance(ours, bool) or isinstance(theirs, bool):
+        return ours == theirs
+    if isinstance(ours, (int, float)) and isinstance(theirs, (int, float)):
+        return math.isclose(float(ours), float(theirs), rel_tol=1e-6, abs_tol=1e-12)
+    if isinstance(ours, (list, tuple)) and isinstance(theirs, (list, tuple)):
+        return len(ours) == len(theirs) and all(same_setting("", a, b) for a, b in zip(ours, theirs))
     return ours == theirs
 
 
@@ -459,4 +460,4 @@ def _normalise_name(name: Any) -> str:
     return str(path.resolve()) if path.is_dir() else text
 
 
-__all__ = ["DEFAULT_VAE", "MATCH_KEYS", "SD_LATENT_SCALE", "FrozenVAE", "VAEDtype"]
+__all__ = ["DEFAULT_VAE", "MATCH_KEYS", "SD_LATENT_SCALE", "FrozenVAE", "VAEDtype", "same_setting"]
