@@ -27,6 +27,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from callbacks import SampleWriter
 from callbacks.checkpoint_io import AtomicCheckpointIO
+from callbacks.evaluation import FIDEvaluation, FVDEvaluation
 from callbacks.slurm import StepBoundaryRequeue
 from datamodules import ZigMaDataModule
 from zigma.flow_module import FlowMatchingModule
@@ -92,6 +93,9 @@ def _logger_dirs(trainer_cfg: Any) -> tuple[Path, Any] | None:
 class ZigMaCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(SampleWriter, "predict_writer")
+        # FID/FVD at the end of each validation (fit, validate) and test; off until fid.num_samples / fvd.num_samples
+        parser.add_lightning_class_args(FIDEvaluation, "fid")
+        parser.add_lightning_class_args(FVDEvaluation, "fvd")
 
     def before_instantiate_classes(self) -> None:
         sub = self.config.get("subcommand")

@@ -8,6 +8,8 @@ Predict batches: ``{"index": (B,) global sample indices, "y": labels or None}``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -50,6 +52,23 @@ class ZigMaDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         requests = SampleRequests(self.num_predict_samples, self.num_classes, self.predict_seed)
         return DataLoader(requests, batch_size=self.predict_batch_size, shuffle=False)
+
+    def test_dataloader(self):
+        """``test`` evaluates the validation split (the datasets here have no separate test split)."""
+        return self.val_dataloader()
+
+    @property
+    def reference_name(self) -> str:
+        """Names the real set of :meth:`reference_pixels` in cached FID/FVD reference statistics (part of their key)."""
+        return type(self).__name__
+
+    def reference_pixels(self, batch_size: int = 50) -> Iterator[torch.Tensor]:
+        """The real set for FID/FVD reference statistics: batches of real pixels in [-1, 1], (N, C, H, W) images or
+        (N, T, C, H, W) clips, in a fixed order that does not depend on the rank, without augmentation."""
+        raise NotImplementedError(
+            f"{type(self).__name__} has no real pixels to compute FID/FVD reference statistics from; pass the "
+            "callback's reference: an .npz from `python -m zigma.metrics.reference`, an image folder or image shards"
+        )
 
 
 def batch_size(batch: dict) -> int:

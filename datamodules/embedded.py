@@ -259,3 +259,12 @@ class EmbeddedFacesDataModule(ZigMaDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(FaceDataset(self.faces), batch_size=self.val_batch_size, shuffle=False)
+
+    @property
+    def reference_name(self) -> str:
+        return f"lfw-embedded-{NUM_FACES}"
+
+    def reference_pixels(self, batch_size: int = 50) -> Iterator[torch.Tensor]:
+        """The 100 faces (1, S, S) in [-1, 1], unflipped, in their stored order."""
+        self.setup()
+        yield from self.faces.split(batch_size)

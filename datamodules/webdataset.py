@@ -578,6 +578,26 @@ class _ShardDataModule(ZigMaDataModule):
         stream.decoder.hflip = False
         return ShardLoader(stream, num_workers=self.num_workers, advance=False)
 
+    @property
+    def reference_name(self) -> str:
+        shards = self.val_shards or self.shards
+        return f"shards:{shards[0]}..{shards[-1]}({len(shards)})"
+
+    def reference_pixels(self, batch_size: int = 50) -> Iterator[torch.Tensor]:
+        """Pixels of the validation shards (else the training shards) in shard order, decoded as for validation (no
+        flip; a clip's temporal crop is a fixed function of its key); undecodable samples are counted and skipped."""
+        if getattr(self, "pixel_shape", None) is None:
+            raise NotImplementedError(
+                f"{type(self).__name__} reads latents, not pixels; pass the FID/FVD callback's reference: an .npz "
+                "from `python -m zigma.metrics.reference`, an image folder or image shards with reference_key"
+            )
+        decoder = copy.copy(self.decoder)
+        decoder.hflip = False
+        budget = BadSampleBudget(self.max_bad_samples, "reading reference pixels")
+        samples = skip_bad_samples(read_shards(self.val_shards or self.shards, budget), decoder, budget)
+        while batch := [s["pixels"] for s in itertools.islice(samples, batch_size)]:
+            yield torch.stack(batch)
+
 
 class WebDataModule(_ShardDataModule):
     """Image or latent shards, optionally with class labels or caption features.

@@ -43,3 +43,20 @@ def tiny_vae_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tiny_vae")
     model.save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def random_inception_weights(tmp_path_factory):
+    """torch-fidelity's Inception-v3 with random weights, saved as the real weights file (no download)."""
+    pytest.importorskip("torch_fidelity", reason="FID's Inception comes from torch-fidelity")
+    from tests.stand_ins import write_random_inception_weights
+
+    return write_random_inception_weights(tmp_path_factory.mktemp("inception"))
+
+
+@pytest.fixture(scope="session")
+def tiny_i3d_path(tmp_path_factory):
+    """A TorchScript stand-in with StyleGAN-V I3D's call signature (tests.stand_ins.TinyI3D)."""
+    from tests.stand_ins import write_tiny_i3d
+
+    return write_tiny_i3d(tmp_path_factory.mktemp("i3d"))

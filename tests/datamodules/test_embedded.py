@@ -15,6 +15,7 @@ from datamodules.embedded import (
     ResumableLoader,
     epoch_flips,
     epoch_order,
+    load_lfw_faces,
     rank_positions,
 )
 
@@ -236,3 +237,10 @@ def test_lightning_checkpoints_and_restores_the_loader_state(tmp_path, num_worke
     assert sorted(resumed.seen) == list(range(5, 15))
     for step, x in resumed.seen.items():
         torch.testing.assert_close(x, full.seen[step], rtol=0, atol=0, msg=f"step {step}")
+
+
+def test_reference_pixels_are_the_100_faces_in_stored_order():
+    dm = EmbeddedFacesDataModule(image_size=16)
+    faces = torch.cat(list(dm.reference_pixels(batch_size=30)))
+    torch.testing.assert_close(faces, load_lfw_faces(16))
+    assert dm.reference_name == "lfw-embedded-100"

@@ -359,3 +359,18 @@ def test_ddp_two_ranks_two_workers_read_every_sample_once(make_shards, tmp_path)
         per_rank = [r[name] for r in ranks]
         assert per_rank[0]["batches"] == per_rank[1]["batches"] == per_rank[0]["len"] == per_rank[1]["len"]
         assert sorted(per_rank[0]["seen"] + per_rank[1]["seen"]) == want  # each sample exactly once
+
+
+def test_reference_pixels_are_every_validation_image_in_order_unflipped(make_shards):
+    shards = make_shards([5, 4], image="png", image_size=(8, 8))
+    dm = WebDataModule(shards[:1], val_shards=shards, kind="image", resolution=8, hflip=True, num_workers=0)
+    batches = list(dm.reference_pixels(batch_size=4))
+    assert [len(b) for b in batches] == [4, 4, 1]  # all 9 validation images, whatever the training batch size
+    plain = WebDataModule(shards, kind="image", resolution=8, hflip=False, num_workers=0).decoder
+    with tarfile.open(shards[1]) as tar:
+        last = plain({"__key__": "000008", "png": tar.extractfile("000008.png").read()})["pixels"]
+    torch.testing.assert_close(batches[-1][0], last)  # shard order, and never flipped
+    assert dm.reference_name.startswith("shards:") and dm.reference_name.endswith("(2)")
+    latents = WebDataModule(make_shards([4]), num_workers=0)
+    with pytest.raises(NotImplementedError, match="reads latents, not pixels"):
+        next(latents.reference_pixels())

@@ -1,7 +1,9 @@
-"""Image metrics without Lightning: Gaussian feature statistics, the Fréchet distance, FID's Inception extractor and
-cached reference statistics. torch-fidelity and PIL are imported only when used."""
+"""Image and video metrics without Lightning: Gaussian feature statistics, the Fréchet distance, FID's Inception and
+FVD's I3D extractors and cached reference statistics. torchmetrics, torch-fidelity and PIL are imported only when
+used."""
 
 from zigma.metrics.frechet import GaussianStats, frechet_distance
+from zigma.metrics.i3d import I3DFeatures, load_i3d, to_i3d_layout
 from zigma.metrics.inception import INCEPTION_WEIGHTS_FILE, InceptionFeatures, load_inception, to_uint8
 
 _REFERENCE = ("compute_stats", "load_reference", "reference_stats")
@@ -20,11 +22,14 @@ def __getattr__(name: str):
 __all__ = [
     "INCEPTION_WEIGHTS_FILE",
     "GaussianStats",
+    "I3DFeatures",
     "InceptionFeatures",
     "compute_stats",
     "frechet_distance",
+    "load_i3d",
     "load_inception",
     "load_reference",
     "reference_stats",
+    "to_i3d_layout",
     "to_uint8",
 ]

@@ -109,24 +109,6 @@ def test_to_uint8_rounds_with_127_5():
 
 
 @pytest.fixture(scope="module")
-def random_inception_weights(tmp_path_factory):
-    """A randomly initialised FeatureExtractorInceptionV3 state dict saved as a .pth (no download)."""
-    fe = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
-    torch.manual_seed(0)
-    cls = fe.FeatureExtractorInceptionV3
-    original_load, original_url = cls.load_state_dict, fe.load_state_dict_from_url
-    cls.load_state_dict = lambda self, state_dict, *a, **k: None  # keep the random init
-    fe.load_state_dict_from_url = lambda *a, **k: None
-    try:
-        net = cls("inception-v3-compat", ["2048"])
-    finally:
-        cls.load_state_dict, fe.load_state_dict_from_url = original_load, original_url
-    path = tmp_path_factory.mktemp("inception") / INCEPTION_WEIGHTS_FILE
-    torch.save(net.state_dict(), path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def inception(random_inception_weights):
     return load_inception(random_inception_weights)
 

@@ -96,7 +96,7 @@ def test_command_builds_stats_from_an_image_folder(tmp_path, monkeypatch):
     (folder / "notes.txt").write_text("not an image")
     seen = []
 
-    def fake_load_inception(weights_path=None, *, antialias=False, device=None):
+    def fake_load_inception(weights_path=None, *, antialias=False, feature=2048, device=None):
         seen.append(weights_path)
         return CountingExtractor()
 
@@ -142,3 +142,36 @@ def test_load_image_resizes_the_shorter_side_and_crops_the_centre(tmp_path):
     image = reference.load_image(tmp_path / "wide.png", 10)
     assert image.shape == (3, 10, 10) and image.dtype == torch.uint8
     assert image[:, :, 1:-1].min() == 255
+
+
+def test_command_reads_images_from_shards_in_order_and_refuses_a_missing_key(tmp_path, monkeypatch):
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (12, 12, 3), dtype=np.uint8) for _ in range(5)]
+    for shard, indices in enumerate([(0, 1, 2), (3, 4)]):
+        with tarfile.open(tmp_path / f"train-{shard:06d}.tar", "w") as tar:
+            for i in indices:
+                for suffix, payload in (("latent.npy", b"not read"), ("jpg", None)):
+                    if payload is None:
+                        buffer = io.BytesIO()
+                        Image.fromarray(images[i]).save(buffer, format="PNG")  # lossless, whatever the suffix
+                        payload = buffer.getvalue()
+                    info = tarfile.TarInfo(f"{i:04d}.{suffix}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    pattern = str(tmp_path / "train-{000000..000001}.tar")
+    read = list(reference.shard_images(reference.expand_pattern(pattern), "jpg", 12))
+    assert len(read) == 5 and all(torch.equal(r, torch.from_numpy(i).permute(2, 0, 1)) for r, i in zip(read, images))
+
+    monkeypatch.setattr("zigma.metrics.inception.load_inception", lambda *a, **k: CountingExtractor())
+    out = main(["--shards", pattern, "--image-key", "jpg", "--resolution", "12", "--count", "4", "--out",
+                str(tmp_path / "s.npz"), "--batch-size", "3", "--device", "cpu"])  # fmt: skip
+    stats = GaussianStats.load(out)
+    assert stats.count == 4 and stats.meta["dataset"].startswith("shards:") and stats.meta["dataset"].endswith("(2)")
+    with pytest.raises(ValueError, match=r"no member with suffix '\.png'"):
+        main(["--shards", pattern, "--image-key", "png", "--resolution", "12", "--count", "4", "--out",
+              str(tmp_path / "t.npz"), "--device", "cpu"])  # fmt: skip

@@ -1,0 +1,75 @@
+"""FID through ``cli.py``: during ``fit`` (in TensorBoard), reproduced for a checkpoint by ``validate`` and ``test``,
+and identical on 1 and 2 DDP processes (gloo), where every fake is counted exactly once.
+
+The quickstart's tiny test model is evaluated against the embedded faces (its DataModule's reference pixels) with the
+real Inception loading code on random weights (64-d pool features, to keep CPU time small).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests.e2e.helpers import QUICKSTART, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def fid_args(weights: Path, cache: Path, count: int = 5) -> list[str]:
+    return ["--fid.num_samples", str(count), "--fid.batch_size", "2", "--fid.sample_steps", "3", "--fid.feature", "64",
+            "--fid.weights_path", str(weights), "--fid.reference_cache_dir", str(cache)]  # fmt: skip
+
+
+def scalars(runs: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar tag of the (single) TensorBoard run under ``runs`` -> [(step, value)]."""
+    (run_dir,) = {p.parent for p in runs.rglob("events.out.tfevents.*")}
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return {tag: [(s.step, s.value) for s in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory, random_inception_weights):
+    tmp = tmp_path_factory.mktemp("fid_fit")
+    runs = tmp / "runs"
+    run_cli("fit", *QUICKSTART, *fid_args(random_inception_weights, tmp / "cache"), runs=runs, timeout=300)
+    return tmp, runs
+
+
+def test_fit_logs_fid_in_tensorboard_and_validate_reproduces_it_for_a_checkpoint(fitted, random_inception_weights):
+    tmp, runs = fitted
+    during_fit = scalars(runs)
+    assert [step for step, _ in during_fit["val/fid_5"]] == [step for step, _ in during_fit["val/loss"]]
+    assert len(during_fit["val/fid_5"]) == 2 and all(v == 5 for _, v in during_fit["val/fid_samples"])
+    (ckpt,) = runs.rglob("step000004.ckpt")
+
+    out = tmp / "validate"
+    run_cli("validate", *QUICKSTART, "--ckpt_path", str(ckpt), *fid_args(random_inception_weights, tmp / "cache"),
+            runs=out)  # fmt: skip
+    reproduced = scalars(out)["val/fid_5"][0][1]
+    assert reproduced == pytest.approx(during_fit["val/fid_5"][-1][1], rel=1e-4)  # the step-4 EMA, same fakes
+
+    out = tmp / "test"
+    run_cli("test", *QUICKSTART, "--ckpt_path", str(ckpt), *fid_args(random_inception_weights, tmp / "cache"),
+            runs=out)  # fmt: skip
+    assert scalars(out)["test/fid_5"][0][1] == pytest.approx(reproduced, rel=1e-4)
+    assert len(list((tmp / "cache").glob("*.npz"))) == 1  # one reference computation for all three runs
+
+
+def test_ddp_ranks_generate_distinct_fakes_counted_once(fitted, random_inception_weights):
+    tmp, runs = fitted
+    (ckpt,) = runs.rglob("step000004.ckpt")
+    values = {}
+    for devices in (1, 2):
+        out = tmp / f"ddp{devices}"
+        run_cli("validate", *QUICKSTART, "--ckpt_path", str(ckpt), "--trainer.devices", str(devices),
+                "--trainer.strategy", "ddp" if devices == 2 else "auto", "--trainer.accelerator", "cpu",
+                *fid_args(random_inception_weights, tmp / "cache"), runs=out, timeout=300)  # fmt: skip
+        logged = scalars(out)
+        assert logged["val/fid_samples"][0][1] == 5  # 5 fakes split 3 + 2 over two ranks: the sum, not 2 x 5
+        values[devices] = logged["val/fid_5"][0][1]
+    # the same 5 fakes (noise by global index) whatever the world size; a fake counted twice would change the
+    # covariance normalisation and the value
+    assert values[2] == pytest.approx(values[1], rel=1e-4)
