@@ -189,6 +189,7 @@ class FrechetEvaluation(L.Callback):
         zero real sums, so the sums over ranks are exactly the reference's."""
         if trainer.global_rank == 0:
             for item in self.metrics:
+                item.metric.to(trainer.strategy.root_device)  # a cache miss runs the extractor on the GPU
                 load_real_statistics(item.metric, self._reference_stats(trainer, item))
         trainer.strategy.barrier("zigma_reference_statistics")
 

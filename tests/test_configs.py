@@ -40,3 +40,11 @@ def test_model_configs_name_existing_presets():
 
     for path in MODEL_CONFIGS:
         assert yaml.safe_load(path.read_text())["model"]["preset"] in PRESETS
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("evaluation", sorted((ROOT / "configs" / "eval").glob("*.yaml")), ids=lambda p: p.stem)
+def test_evaluation_configs_parse(evaluation):
+    cfg = print_config(ROOT / "configs/quickstart.yaml", evaluation)
+    section = cfg[evaluation.stem[:3]]  # fid5k -> fid, fvd2048 -> fvd
+    assert section["num_samples"] in (5000, 2048) and section["sample_method"] == "euler"

@@ -30,22 +30,24 @@ VIDEO_NET = {**IMAGE_NET, "scan_type": "v2", "video_frames": 3}
 class RealData(ZigMaDataModule):
     """``count`` random real samples of ``shape`` in pixel space; counts the reads of its reference set."""
 
-    def __init__(self, shape: tuple[int, ...], count: int = 12):
+    def __init__(self, shape: tuple[int, ...], count: int = 12, key: str = "x", name: str = "random-real"):
         super().__init__()
         gen = torch.Generator().manual_seed(1)
         self.real = torch.rand(count, *shape, generator=gen) * 1.6 - 0.8
         self.sample_shape = shape
+        self.key = key  # "x": pixel-space model data; "pixels": images the module encodes with its VAE
+        self.name = name
         self.reads = 0
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader([{"x": x} for x in self.real], batch_size=4)
+        return DataLoader([{self.key: x} for x in self.real], batch_size=4)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader([{"x": x} for x in self.real[:4]], batch_size=4)
+        return DataLoader([{self.key: x} for x in self.real[:4]], batch_size=4)
 
     @property
     def reference_name(self) -> str:
-        return "random-real"
+        return self.name
 
     def reference_pixels(self, batch_size: int = 50):
         self.reads += 1
@@ -107,6 +109,19 @@ def test_fid_is_logged_with_its_count_and_the_reference_is_computed_once(tmp_pat
 
     run("validate", tiny_module(), data, fid(random_inception_weights, tmp_path, reference_count=10))  # a new key
     assert data.reads == 2 and len(list(tmp_path.glob("*.npz"))) == 2
+    other = RealData((1, 8, 8), name="other-real")  # another dataset: its own statistics
+    run("validate", tiny_module(), other, fid(random_inception_weights, tmp_path))
+    assert other.reads == 1 and len(list(tmp_path.glob("*.npz"))) == 3
+
+
+def test_latent_models_are_scored_on_vae_decoded_pixels(tmp_path, random_inception_weights, tiny_vae_dir):
+    torch.manual_seed(0)
+    module = FlowMatchingModule(net={**IMAGE_NET, "in_channels": 4}, vae=str(tiny_vae_dir), sample_steps=2)
+    data = RealData((3, 16, 16), key="pixels")  # 16 px images; the tiny VAE halves them to 4 x 8 x 8 latents
+    trainer = run("validate", module, data, fid(random_inception_weights, tmp_path))
+    assert np.isfinite(float(trainer.callback_metrics["val/fid_6"]))
+    (stats_file,) = tmp_path.glob("*.npz")
+    assert GaussianStats.load(stats_file).meta["resolution"] == 16  # the decoded size, not the latent one
 
 
 def test_the_fakes_do_not_depend_on_the_batch_size(tmp_path, random_inception_weights):

@@ -68,6 +68,14 @@ BAD = [
     ("precision_value", ["--trainer.precision", "13-mixed"], "trainer.precision"),
     ("precision_unsupported_here", ["--trainer.precision", "transformer-engine"], "transformer"),
     ("gpu_on_cpu_machine", ["--trainer.accelerator", "gpu"], "gpu"),
+    ("fid_one_sample", ["--fid.num_samples", "1"], "fid.num_samples=1: a covariance needs at least 2 samples"),
+    (
+        "fid_missing_inception",
+        ["--fid.num_samples", "10", "--fid.weights_path", "nowhere.pth"],
+        "Inception-v3 FID weights not found at nowhere.pth",
+    ),
+    ("fvd_missing_i3d", ["--fvd.num_samples", "4", "--fvd.frame_fid", "false"], "I3D detector for FVD not found"),
+    ("fid_reference_count", ["--fid.num_samples", "0", "--fid.reference_count", "1"], "fid.reference_count=1"),
 ]
 
 
