@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader
 
 from callbacks.evaluation import FIDEvaluation, FVDEvaluation, clips_of, count_tag, frames_of, frechet_metric
@@ -66,7 +68,8 @@ def fid(weights, cache, **kwargs) -> FIDEvaluation:
 
 
 def run(stage: str, module, data, *callbacks, **trainer_kwargs) -> L.Trainer:
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+    trainer_kwargs.setdefault("logger", False)
+    trainer = L.Trainer(accelerator="cpu", enable_progress_bar=False, enable_model_summary=False,
                         callbacks=list(callbacks), **trainer_kwargs)  # fmt: skip
     getattr(trainer, stage)(module, datamodule=data, **({} if stage == "fit" else {"verbose": False}))
     return trainer
@@ -206,12 +209,16 @@ def fvd(i3d, weights, cache, **kwargs) -> FVDEvaluation:
     return FVDEvaluation(**settings)
 
 
-def test_fvd_and_frame_fid_of_a_video_model(tmp_path, tiny_i3d_path, random_inception_weights):
+def test_fvd_and_frame_fid_of_a_video_model_reach_tensorboard(tmp_path, tiny_i3d_path, random_inception_weights):
     data = RealData((3, 1, 8, 8), count=6)
+    logger = TensorBoardLogger(tmp_path / "tb", name="fvd")
     trainer = run("validate", tiny_module(VIDEO_NET), data,
-                  fvd(tiny_i3d_path, random_inception_weights, tmp_path, reference_count=6))  # fmt: skip
+                  fvd(tiny_i3d_path, random_inception_weights, tmp_path, reference_count=6), logger=logger)  # fmt: skip
+    events = EventAccumulator(logger.log_dir)
+    events.Reload()
     for tag in ("val/fvd_4", "val/frame_fid_4"):
         assert np.isfinite(float(trainer.callback_metrics[tag])), tag
+        assert events.Scalars(tag)[0].value == pytest.approx(float(trainer.callback_metrics[tag]))
     assert float(trainer.callback_metrics["val/fvd_samples"]) == 4
     metas = sorted((GaussianStats.load(p).meta for p in tmp_path.glob("*.npz")), key=lambda m: m["count"])
     assert [(m["count"], m["dim"], m["frames"]) for m in metas] == [(6, 400, 3), (18, 64, 3)]  # clips, frames

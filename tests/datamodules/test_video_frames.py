@@ -157,3 +157,16 @@ def test_cli_trains_a_video_model_on_frames_encoded_by_the_vae(tmp_path, tiny_va
             runs=runs, timeout=300)  # fmt: skip
     ckpt = next(runs.glob("shards/version_*/checkpoints/last.ckpt"))
     assert torch.load(ckpt, weights_only=True, map_location="cpu")["global_step"] == 2
+
+
+def test_reference_clips_are_every_video_in_order_with_frames_kept_together(tmp_path):
+    shards = write(tmp_path / "shards", [3, 2])
+    dm = VideoWebDataModule(shards, frames_key="frames.npy", video_frames=3, resolution=16, batch_size=4,
+                            num_workers=0)  # fmt: skip
+    batches = list(dm.reference_pixels(batch_size=2))
+    assert [tuple(b.shape) for b in batches] == [(2, 3, 3, 16, 16)] * 2 + [(1, 3, 3, 16, 16)]
+    clips = torch.cat(batches)
+    for index in range(5):  # shard order; each clip's frames consecutive, at the crop validation would take
+        video, frames = video_and_frames(clips[index])
+        start = int(sample_rng(0, f"{index:06d}", 0, 0, _CROP).integers(T - 3 + 1))
+        assert video == index and frames.tolist() == [start, start + 1, start + 2]
