@@ -211,6 +211,11 @@ class FrechetEvaluation(L.Callback):
         source = self.reference
         if source is None:
             for pixels in trainer.datamodule.reference_pixels(batch):
+                if tuple(pixels.shape[-2:]) != (size, size):
+                    raise ValueError(
+                        f"{self.kind}: the data's real pixels are {tuple(pixels.shape[-2:])}, the samples "
+                        f"{size}x{size}; give {self.kind}.reference (folders and shards are resized to the samples)"
+                    )
                 yield item.to_input(pixels)
         elif ".tar" in source:
             yield from batches_of(shard_images(expand_pattern(source), self.reference_key, size), batch)

@@ -196,7 +196,8 @@ class SampleGridLogger(L.Callback):
 
 class SampleWriter(BasePredictionWriter):
     """Writes each predicted sample as ``<output_dir>/<index:06d>.png`` and, at the end, ``grid.png`` (and with
-    ``save_npz`` a ``samples.npz`` of uint8 HWC images, the format external FID evaluators read)."""
+    ``save_npz`` a ``samples.npz`` of uint8 HWC images, the format external FID evaluators read; under DDP each rank
+    writes ``grid_rank<r>.png`` and ``samples_rank<r>.npz`` of its own samples, with their indices)."""
 
     def __init__(self, output_dir: str = "samples", grid: bool = True, save_npz: bool = False):
         super().__init__(write_interval="batch")
@@ -229,9 +230,23 @@ class SampleWriter(BasePredictionWriter):
             save_image(image_grid(samples), self.output_dir / f"grid_rank{trainer.global_rank}.png"
                        if trainer.world_size > 1 else self.output_dir / "grid.png")  # fmt: skip
         if self.save_npz:
-            import numpy as np
-
-            images = (to_unit_range(samples) * 255).round().to(torch.uint8)
-            images = images.movedim(-3, -1).numpy()  # (..., H, W, C)
-            np.savez(self.output_dir / "samples.npz", arr_0=images)
+            name = f"samples_rank{trainer.global_rank}.npz" if trainer.world_size > 1 else "samples.npz"
+            write_npz(self.output_dir / name, samples, indices.sort().values)
         log.info("wrote %d samples to %s", len(samples), self.output_dir)
+
+
+def write_npz(path: Path, samples: torch.Tensor, indices: torch.Tensor) -> None:
+    """Writes ``arr_0``: uint8 (N, H, W, C) images or (N, T, H, W, C) clips, round((x + 1) * 127.5) of samples in
+    [-1, 1] (the layout ADM's evaluator and clean-fid read), and ``index``: (N,) their global sample indices.
+    Written to a temporary file and renamed, so an interrupted run never leaves a truncated ``.npz``."""
+    import os
+
+    import numpy as np
+
+    from zigma.metrics.inception import to_uint8
+
+    images = to_uint8(samples).movedim(-3, -1).numpy()  # (..., H, W, C)
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "wb") as f:
+        np.savez(f, arr_0=images, index=indices.numpy())
+    os.replace(partial, path)

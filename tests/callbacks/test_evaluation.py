@@ -95,6 +95,39 @@ def test_torchmetrics_fid_through_the_real_inception_is_zero_on_itself_and_grows
     assert 0 < values[1] < values[2]
 
 
+class Images(torch.utils.data.Dataset):
+    """uint8 (3, H, W) images, the input torch-fidelity's ``calculate_metrics`` takes."""
+
+    def __init__(self, images: torch.Tensor):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.images[i]
+
+
+def test_fid_equals_torch_fidelity_calculate_metrics_with_the_same_weights_file(random_inception_weights):
+    """Our pipeline (torchmetrics' metric around load_inception, TF1 resize) against torch-fidelity's own FID of the
+    same images with the same weights file: the reference implementation of TF-FID in PyTorch."""
+    import torch_fidelity
+
+    gen = torch.Generator().manual_seed(2)
+    real = torch.randint(0, 256, (12, 3, 40, 40), generator=gen).to(torch.uint8)
+    fake = (real.int() + torch.randint(-40, 60, real.shape, generator=gen)).clamp(0, 255).to(torch.uint8)
+    metric = frechet_metric(load_inception(random_inception_weights, feature=192))
+    metric.update(real, real=True)
+    metric.update(fake, real=False)
+    ours = float(metric.compute())
+    theirs = torch_fidelity.calculate_metrics(
+        input1=Images(fake), input2=Images(real), fid=True, feature_layer_fid="192", cuda=False, cache=False,
+        verbose=False, batch_size=6, feature_extractor_weights_path=str(random_inception_weights),
+    )["frechet_inception_distance"]  # fmt: skip
+    print(f"FID ours {ours:.6g}, torch-fidelity {theirs:.6g}")
+    assert ours == pytest.approx(theirs, rel=1e-3)
+
+
 def test_fid_is_logged_with_its_count_and_the_reference_is_computed_once(tmp_path, random_inception_weights):
     data = RealData((1, 8, 8))
     first = run("validate", tiny_module(), data, fid(random_inception_weights, tmp_path))
@@ -181,6 +214,13 @@ def test_reference_statistics_for_another_resolution_are_refused(tmp_path, rando
     callback = fid(random_inception_weights, tmp_path, reference=str(path))
     with pytest.raises(ValueError, match=r"resolution: file has 16, this run needs 8"):
         run("validate", tiny_module(), RealData((1, 8, 8)), callback)
+
+
+def test_real_pixels_of_another_size_are_refused(tmp_path, random_inception_weights):
+    data = RealData((1, 8, 8))
+    data.real = torch.zeros(6, 1, 16, 16)  # the data's reals at 16 px, the model's samples at 8 px
+    with pytest.raises(ValueError, match=r"real pixels are \(16, 16\), the samples 8x8"):
+        run("validate", tiny_module(), data, fid(random_inception_weights, tmp_path))
 
 
 def test_reference_from_an_image_folder(tmp_path, random_inception_weights):

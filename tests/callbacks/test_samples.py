@@ -194,3 +194,21 @@ def test_sample_grid_logger_bad_arguments():
         SampleGridLogger(every_n_steps=0)
     with pytest.raises(ValueError, match="fps must be >= 1; got 0"):
         SampleGridLogger(fps=0)
+
+
+def test_sample_writer_npz_holds_every_sample_in_index_order_as_the_pngs(tmp_path):
+    from callbacks import SampleWriter
+    from datamodules.base import SampleRequests
+
+    module = tiny_module(IMAGE_NET)
+    writer = SampleWriter(output_dir=str(tmp_path / "out"), save_npz=True)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[writer])  # fmt: skip
+    trainer.predict(module, DataLoader(SampleRequests(5), batch_size=2), return_predictions=False)
+    with np.load(tmp_path / "out" / "samples.npz") as data:
+        images, index = data["arr_0"], data["index"]
+    assert images.shape == (5, 8, 8, 1) and images.dtype == np.uint8 and index.tolist() == [0, 1, 2, 3, 4]
+    for i in range(5):  # the PNG of sample i holds the same pixels (save_image and the npz round alike)
+        png = np.asarray(Image.open(tmp_path / "out" / f"{i:06d}.png").convert("L"))
+        assert np.abs(png.astype(int) - images[i, ..., 0].astype(int)).max() <= 1
+    assert not list((tmp_path / "out").glob("*.partial"))
