@@ -123,7 +123,8 @@ def check_finite(x: torch.Tensor, what: str, step: int) -> None:
 
 class SampleGridLogger(L.Callback):
     """Every ``every_n_steps`` optimizer steps (and at the end of training), sample ``num_samples`` images with the
-    EMA weights from the same fixed noise and labels, and add the grid to TensorBoard as ``samples/ema``. Video models
+    EMA weights from the same fixed noise and labels (text models: the captions of the first training batches, kept
+    in checkpoints), and add the grid to TensorBoard as ``samples/ema``. Video models
     also get the clips as a TensorBoard video, ``samples/ema_video`` (``add_video_clips``), when their decoded frames
     have 1 or 3 channels.
 
@@ -152,18 +153,41 @@ class SampleGridLogger(L.Callback):
         self.fps = fps
         self._last_logged = -1
         self._warned_channels = False
+        self._captions: torch.Tensor | None = None  # (K, N, d_context) fixed captions of a text model
 
     def _labels(self, pl_module) -> torch.Tensor | None:
+        """Fixed conditions: class labels drawn from ``seed``, or the captions kept from the first training
+        batches (cycled if fewer than ``num_samples``), or None."""
         if pl_module.model.num_classes > 0:
             gen = torch.Generator().manual_seed(self.seed)
             return torch.randint(pl_module.model.num_classes, (self.num_samples,), generator=gen).to(pl_module.device)
+        if pl_module.model.has_text:
+            return self._captions[torch.arange(self.num_samples) % len(self._captions)].to(pl_module.device)
         return None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        """Text models: keep the captions of the first training batches (up to ``num_samples``) as the fixed
+        captions of every grid; they are saved in checkpoints, so a resumed run keeps them."""
+        if not pl_module.model.has_text or batch.get("y") is None:
+            return
+        kept = 0 if self._captions is None else len(self._captions)
+        if kept < self.num_samples:
+            new = batch["y"][: self.num_samples - kept].detach().cpu()
+            self._captions = new if self._captions is None else torch.cat([self._captions, new])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"captions": self._captions}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._captions = state_dict.get("captions")
 
     @rank_zero_only
     def log_grid(self, trainer: L.Trainer, pl_module) -> None:
         step = trainer.global_step
-        if step == self._last_logged or trainer.logger is None or pl_module.model.has_text:
-            return  # text models need captions from the data; handled by the evaluation callbacks
+        if step == self._last_logged or trainer.logger is None:
+            return
+        if pl_module.model.has_text and self._captions is None:
+            return  # no training batch with captions seen yet
         noise = pl_module.noise(torch.arange(self.num_samples), seed=self.seed)
         result = pl_module.generate(noise, self._labels(pl_module), method=self.method, num_steps=self.num_steps)
         check_finite(result.x, "SampleGridLogger: the EMA samples", step)

@@ -212,3 +212,28 @@ def test_sample_writer_npz_holds_every_sample_in_index_order_as_the_pngs(tmp_pat
         png = np.asarray(Image.open(tmp_path / "out" / f"{i:06d}.png").convert("L"))
         assert np.abs(png.astype(int) - images[i, ..., 0].astype(int)).max() <= 1
     assert not list((tmp_path / "out").glob("*.partial"))
+
+
+def test_text_models_sample_from_the_first_training_captions_kept_across_resume(tmp_path, monkeypatch):
+    module = tiny_module({**IMAGE_NET, "has_text": True, "d_context": 8})
+    captions = torch.randn(4, 3, 8)  # (items, tokens, d_context)
+    items = [{"x": x, "y": y} for x, y in zip(torch.randn(4, *module.sample_shape), captions)]
+    seen = []
+    generate = module.generate
+
+    def recording(x0, y=None, **kwargs):
+        seen.append(y.detach().clone())
+        return generate(x0, y, **kwargs)
+
+    monkeypatch.setattr(module, "generate", recording)
+    callback = SampleGridLogger(every_n_steps=2, num_samples=3, num_steps=2)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=TensorBoardLogger(tmp_path), enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[callback])  # fmt: skip
+    trainer.fit(module, DataLoader(items, batch_size=2, shuffle=False))
+    assert [e.step for e in read_images(trainer.logger.log_dir, "samples/ema")] == [2]
+    torch.testing.assert_close(seen[0].cpu(), captions[:3])  # batch 0 (2 captions) and the first of batch 1
+    resumed = SampleGridLogger(every_n_steps=2, num_samples=3, num_steps=2)
+    resumed.load_state_dict(callback.state_dict())
+    resumed.on_train_batch_start(trainer, module, {"x": None, "y": torch.zeros(2, 3, 8)}, 0)  # later batches
+    torch.testing.assert_close(resumed.state_dict()["captions"], captions[:3])  # unchanged
