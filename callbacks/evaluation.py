@@ -97,8 +97,9 @@ class FrechetEvaluation(L.Callback):
     Args:
         num_samples: generated samples per evaluation, over all ranks; 0 switches the evaluation off. At least 2.
         batch_size: samples generated at once per rank.
-        sample_mode, sample_method, sample_steps: the sampler (``ode``/``sde``; e.g. ``euler``/``heun`` with N steps,
-            or ``dopri5`` whose steps are adaptive); None takes the module's ``sample_*`` hyper-parameter.
+        sample_mode, sample_method, sample_steps: the sampler (``ode``/``sde``; e.g. ``euler``/``heun`` on
+            ``sample_steps`` time points, i.e. ``sample_steps - 1`` steps: the default 26 is Euler-25, 25 NFE; or
+            ``dopri5``, adaptive); None takes the module's ``sample_*`` hyper-parameter.
         guidance_scale: classifier-free guidance scale; None takes the module's.
         seed: seed of the noise and class labels of the fakes (the same fakes at every evaluation).
         reference: where the real statistics come from: None (the DataModule's ``reference_pixels``), a statistics
@@ -113,7 +114,7 @@ class FrechetEvaluation(L.Callback):
     kind = "frechet"
 
     def __init__(self, num_samples: int = 0, batch_size: int = 16, sample_mode: str | None = None,
-                 sample_method: str | None = "euler", sample_steps: int | None = 25,
+                 sample_method: str | None = "euler", sample_steps: int | None = 26,
                  guidance_scale: float | None = None, seed: int = 0, reference: str | None = None,
                  reference_key: str = "jpg", reference_count: int | None = None,
                  reference_cache_dir: str = DEFAULT_CACHE, reference_batch_size: int = 50):  # fmt: skip
@@ -314,7 +315,7 @@ class FrechetEvaluation(L.Callback):
         for tag, value in logged.items():
             pl_module.log(tag, value, sync_dist=False, rank_zero_only=False)
         main = next(iter(logged.items()))
-        log.info("%s = %.4f (%d samples, %d NFE, %.1f s)", main[0], main[1], self.num_samples, nfe, seconds)
+        log.info("%s = %.6g (%d samples, %d NFE, %.1f s)", main[0], main[1], self.num_samples, nfe, seconds)
         self.last = logged
         return logged
 
@@ -333,7 +334,7 @@ class FIDEvaluation(FrechetEvaluation):
     kind = "fid"
 
     def __init__(self, num_samples: int = 0, batch_size: int = 16, sample_mode: str | None = None,
-                 sample_method: str | None = "euler", sample_steps: int | None = 25,
+                 sample_method: str | None = "euler", sample_steps: int | None = 26,
                  guidance_scale: float | None = None, seed: int = 0, reference: str | None = None,
                  reference_key: str = "jpg", reference_count: int | None = None,
                  reference_cache_dir: str = DEFAULT_CACHE, reference_batch_size: int = 50,
@@ -382,7 +383,7 @@ class FVDEvaluation(FrechetEvaluation):
     kind = "fvd"
 
     def __init__(self, num_samples: int = 0, batch_size: int = 4, sample_mode: str | None = None,
-                 sample_method: str | None = "euler", sample_steps: int | None = 25,
+                 sample_method: str | None = "euler", sample_steps: int | None = 26,
                  guidance_scale: float | None = None, seed: int = 0, reference: str | None = None,
                  reference_key: str = "jpg", reference_count: int | None = None,
                  reference_cache_dir: str = DEFAULT_CACHE, reference_batch_size: int = 8,
