@@ -158,9 +158,9 @@ class FrechetEvaluation(L.Callback):
         if not self.enabled or stage == "predict" or self.metrics:
             return
         self._check_model(pl_module)
-        if stage == "fit" and getattr(trainer.datamodule, "val_shards", "n/a") is None:
-            rank_zero_warn(f"{self.kind}: the evaluation runs at the end of validation, but the data has no "
-                           "val_shards, so it will not run; set data.val_shards")  # fmt: skip
+        if getattr(trainer.datamodule, "val_shards", "n/a") is None:
+            rank_zero_warn(f"{self.kind}: the evaluation runs at the end of validation and test, but the data has no "
+                           "val_shards, so neither runs; set data.val_shards")  # fmt: skip
         if pl_module.model.has_text:
             rank_zero_warn(f"{self.kind}: a text-conditioned model is evaluated with the captions of the validation "
                            "batches, cycled; the caption set depends on the world size")  # fmt: skip
