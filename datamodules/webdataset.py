@@ -387,6 +387,7 @@ class ShardLoader:
             raise ValueError(f"a stream planned for {stream.num_workers} worker(s) cannot run on {num_workers}")
         self.stream = stream
         self.sampler = stream  # not ``dataset``: Lightning would warn that an IterableDataset's len may be inexact
+        self.batch_sampler = None  # Lightning's shuffle check of evaluation loaders reads it (batches come whole)
         self.num_workers = num_workers
         self.advance = advance
         self.batches_done = 0  # batches of stream.epoch the latest iterator handed out

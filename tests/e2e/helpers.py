@@ -14,6 +14,16 @@ ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ["--config", "configs/quickstart.yaml", "--config", "tests/e2e/tiny.yaml"]
 
 
+def tensorboard_scalars(runs: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar tag of the (single) TensorBoard run under ``runs`` -> [(step, value)]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (run_dir,) = {p.parent for p in runs.rglob("events.out.tfevents.*")}
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return {tag: [(s.step, s.value) for s in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
 def run_cli(*args: str, runs: Path, check: bool = True, timeout: int = 600, env: dict | None = None):
     """``python cli.py <args>`` from the repository root, logging under ``runs``."""
     cmd = [sys.executable, "cli.py", *args]

@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.e2e.helpers import QUICKSTART, run_cli
+from tests.e2e.helpers import tensorboard_scalars as scalars
 
 pytestmark = pytest.mark.slow
 
@@ -20,14 +20,6 @@ pytestmark = pytest.mark.slow
 def fid_args(weights: Path, cache: Path, count: int = 5) -> list[str]:
     return ["--fid.num_samples", str(count), "--fid.batch_size", "2", "--fid.sample_steps", "3", "--fid.feature", "64",
             "--fid.weights_path", str(weights), "--fid.reference_cache_dir", str(cache)]  # fmt: skip
-
-
-def scalars(runs: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar tag of the (single) TensorBoard run under ``runs`` -> [(step, value)]."""
-    (run_dir,) = {p.parent for p in runs.rglob("events.out.tfevents.*")}
-    events = EventAccumulator(str(run_dir))
-    events.Reload()
-    return {tag: [(s.step, s.value) for s in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
 @pytest.fixture(scope="module")

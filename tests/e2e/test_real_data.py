@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.e2e.helpers import ROOT, run_cli
+from tests.e2e.helpers import ROOT, run_cli, tensorboard_scalars
 
 pytestmark = pytest.mark.slow
 SHARDS = ["--config", "tests/e2e/shards.yaml"]
@@ -74,6 +74,28 @@ def test_image_shards_are_encoded_by_the_vae_during_training(latent_shards, tiny
         "--data.init_args.kind", "image", "--data.init_args.resolution", "16", "--data.init_args.batch_size", "2",
         "--data.init_args.num_workers", "0", "--model.vae", str(tiny_vae_dir), runs=tmp_path)  # fmt: skip
     assert last_step(tmp_path) == 2
+
+
+def test_fid_of_a_latent_model_is_measured_against_the_shards_images(latent_shards, tiny_vae_dir,
+                                                                      random_inception_weights, tmp_path):  # fmt: skip
+    """Latent training shards also hold the original JPEGs: they are the FID reals; the fakes are VAE-decoded."""
+    shards = str(latent_shards / "train-{000000..000001}.tar")
+    cache = tmp_path / "cache"
+    fit("--data", "datamodules.WebDataModule", "--data.init_args.shards", shards, "--data.init_args.val_shards", shards,
+        "--data.init_args.latent_key", "latent.npy", "--data.init_args.batch_size", "2",
+        "--data.init_args.num_workers", "0", "--model.vae", str(tiny_vae_dir), "--trainer.limit_val_batches", "1",
+        "--trainer.val_check_interval", "2", "--fid.num_samples", "4", "--fid.batch_size", "2", "--fid.feature", "64",
+        "--fid.sample_steps", "2", "--fid.weights_path", str(random_inception_weights), "--fid.reference", shards,
+        "--fid.reference_key", "jpg", "--fid.reference_count", "8", "--fid.reference_cache_dir", str(cache),
+        runs=tmp_path)  # fmt: skip
+    logged = tensorboard_scalars(tmp_path / "shards")
+    assert [step for step, _ in logged["val/fid_4"]] == [step for step, _ in logged["val/loss"]]
+    assert np.isfinite(logged["val/fid_4"][0][1]) and logged["val/fid_samples"][0][1] == 4
+    from zigma.metrics.frechet import GaussianStats
+
+    (stats_file,) = cache.glob("*.npz")
+    meta = GaussianStats.load(stats_file).meta
+    assert meta["dataset"].startswith("shards:") and meta["count"] == 8 and meta["resolution"] == 16
 
 
 def test_caption_shards_train_a_text_model(image_folder, tiny_vae_dir, tmp_path):
