@@ -43,33 +43,6 @@ def hbm_floor_ms(batch: int, seqlen: int, dim: int, dstate: int, elem_bytes: int
     return fwd * to_ms, (fwd + bwd) * to_ms
 
 
-def make_inputs(batch, seqlen, dim, dstate, dtype, device, seed=0):
-    """Inputs laid out as ``zigma/mamba.py`` passes them: u (B, D, L) contiguous (the conv output); Δ, z (B, D, L)
-    views of (B, L, D) tensors; B, C (B, N, L) views of slices of one (B, L, R + 2N) ``x_proj`` output; S4D-real A;
-    dt bias = softplus^-1(dt), dt log-uniform in [1e-3, 0.1] (mamba_simple.py)."""
-    import math
-
-    import torch
-
-    gen = torch.Generator(device=device).manual_seed(seed)
-
-    def randn(*shape, scale=1.0):
-        return (scale * torch.randn(*shape, device=device, generator=gen)).to(dtype)
-
-    dt_rank = math.ceil(dim / 32)  # ceil(d_model / 16) with d_inner = 2 d_model
-    u = randn(batch, dim, seqlen)
-    delta = randn(batch, seqlen, dim, scale=0.5).transpose(1, 2)
-    x_dbl = randn(batch, seqlen, dt_rank + 2 * dstate)
-    B = x_dbl[..., dt_rank : dt_rank + dstate].transpose(1, 2)
-    C = x_dbl[..., dt_rank + dstate :].transpose(1, 2)
-    A = -torch.arange(1, dstate + 1, dtype=torch.float32, device=device).repeat(dim, 1)
-    D = torch.ones(dim, device=device)
-    z = randn(batch, seqlen, dim).transpose(1, 2)
-    dt = torch.exp(torch.rand(dim, device=device, generator=gen) * math.log(100.0) + math.log(1e-3))
-    bias = dt + torch.log(-torch.expm1(-dt))
-    return [x.detach().requires_grad_() for x in (u, delta, A, B, C, D, z, bias)]
-
-
 def pscan_scan(u, delta, A, B, C, D, z, delta_bias):
     """mambapy's Blelloch ``pscan`` ((B, L, D, N) layout, fp32) wrapped to the same contract."""
     import torch.nn.functional as F
@@ -156,9 +129,10 @@ def bench_shape(shape, backends, dtype, device, timer, warmup, repeats) -> dict:
     The torch backend runs first: its output is the baseline every other backend is checked against before timing.
     """
     import torch
+    from check_scan_gpu import model_like_inputs  # benchmarks/ is sys.path[0] when run as a script
 
     batch, seqlen, dim, dstate = shape
-    inputs = make_inputs(batch, seqlen, dim, dstate, dtype, device)
+    inputs = model_like_inputs(batch, seqlen, dim, dstate, dtype, device=device)
     grad = torch.randn(batch, dim, seqlen, device=device, generator=torch.Generator(device).manual_seed(1)).to(dtype)
     baseline = None
     rows = {}
