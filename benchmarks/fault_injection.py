@@ -22,13 +22,10 @@ should. Steps lost per kill = progress minus the step resumed from (updates that
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import os
 import platform
 import random
-import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -39,33 +36,10 @@ import lightning
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ["--config", "configs/quickstart.yaml", "--config", "tests/e2e/tiny.yaml",
-           "--config", "tests/e2e/faults.yaml"]  # fmt: skip
-MAX_STEPS = 12  # tests/e2e/faults.yaml
-MOMENTS = ("startup", "steps", "write")
-STEP_FILE = re.compile(r"^\.?step(\d+)\.ckpt")  # step000007.ckpt and its temporary .step000007.ckpt.<rand>.tmp
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
-
-def _command(runs: Path) -> list[str]:
-    return [sys.executable, "cli.py", "fit", *CONFIGS, "--trainer.logger.init_args.save_dir", str(runs),
-            "--ckpt_path", "last", "--trainer.callbacks+=tests.e2e.helpers.StateProbe"]  # fmt: skip
-
-
-def _launch(runs: Path, log: Path, probe: Path) -> subprocess.Popen:
-    """One launch of the training command; StateProbe saves the step it starts from to ``probe``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env.update(PYTHONUNBUFFERED="1", ZIGMA_STATE_PROBE=str(probe))
-    with open(log, "w") as out:
-        return subprocess.Popen(_command(runs), cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-
-
-def _checkpoint_names(runs: Path) -> set[str]:
-    """Names in every run's checkpoints/ directory (cheap enough to poll every few milliseconds)."""
-    names = set()
-    for ckpts in runs.glob("*/*/checkpoints"):
-        with contextlib.suppress(FileNotFoundError):  # a run directory being created
-            names.update(f"{ckpts}/{entry.name}" for entry in os.scandir(ckpts))
-    return names
+from tests.e2e.faults import MAX_STEPS, MOMENTS, kill_at_random_moment, probed_step, start_resume  # noqa: E402
 
 
 def _load_step(path: Path) -> int | None:
@@ -85,49 +59,14 @@ def newest_step(runs: Path) -> int:
     return max((s for p in runs.rglob("*.ckpt") if (s := _load_step(p)) is not None), default=0)
 
 
-def launch_and_kill(runs: Path, log: Path, probe: Path, moment: str, rng: random.Random) -> dict:
-    """Start a launch and SIGKILL it at ``moment``; ``killed`` is False when it finished first."""
-    before = _checkpoint_names(runs)
-    proc = _launch(runs, log, probe)
-    launched = time.monotonic()
-    if moment == "startup":
-        deadline = launched + rng.uniform(0.2, 5.0)
-    else:
-        wanted = rng.randint(1, 4) if moment == "write" else 1
-        suffix = ".tmp" if moment == "write" else ".ckpt"
-        delay = rng.uniform(0.0, 1.0) if moment == "steps" else 0.0
-        seen: set[str] = set()
-        while proc.poll() is None and len(seen) < wanted:
-            seen.update(n for n in _checkpoint_names(runs) - before if n.endswith(suffix))
-            time.sleep(0.001)
-        deadline = time.monotonic() + delay
-    while time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.002)
-    at_s = time.monotonic() - launched
-    if proc.poll() is not None:
-        return {"moment": moment, "killed": False, "rc": proc.returncode}
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
-    new = [Path(n).name for n in _checkpoint_names(runs) - before]
-    steps = [int(m.group(1)) for n in new if (m := STEP_FILE.match(n))]
-    return {"moment": moment, "killed": True, "at_s": at_s, "progress": max(steps, default=0),
-            "torn": sorted(n for n in new if n.endswith(".tmp"))}  # fmt: skip
-
-
-def _probed_step(probe: Path) -> int | None:
-    try:
-        return int(torch.load(probe, weights_only=True)["global_step"])
-    except Exception:  # not written (killed before training started) or torn
-        return None
-
-
 def trial(index: int, work: Path, rng: random.Random, max_kills: int) -> dict:
     """One trial: 1..max_kills kills with a relaunch after each, then a launch that runs to the end."""
     work.mkdir(parents=True)
     runs = work / "runs"
     launches, corrupt_seen = [], set()
     for i in range(rng.randint(1, max_kills)):
-        outcome = launch_and_kill(runs, work / f"launch{i}.log", work / f"probe{i}.pt", rng.choice(MOMENTS), rng)
+        outcome = kill_at_random_moment(runs, work / f"launch{i}.log", work / f"probe{i}.pt", rng.choice(MOMENTS), rng)
+        outcome["killed"] = "rc" not in outcome
         launches.append(outcome)
         if not outcome["killed"]:
             break  # it ran to the end
@@ -136,11 +75,11 @@ def trial(index: int, work: Path, rng: random.Random, max_kills: int) -> dict:
         outcome["lost"] = max(0, outcome["progress"] - outcome["resumable"])
     if launches[-1]["killed"]:
         i = len(launches)
-        proc = _launch(runs, work / f"launch{i}.log", work / f"probe{i}.pt")
+        proc = start_resume(runs, work / f"launch{i}.log", work / f"probe{i}.pt")
         launches.append({"moment": None, "killed": False, "rc": proc.wait()})
     # the launch after a kill must resume from the newest checkpoint that loads
     for i, outcome in enumerate(launches[:-1]):
-        outcome["resumed"] = _probed_step(work / f"probe{i + 1}.pt")
+        outcome["resumed"] = probed_step(work / f"probe{i + 1}.pt")
     kills = [o for o in launches if o["killed"]]
     wrong_resume = sum(k["resumed"] not in (None, k["resumable"]) for k in kills)
     corrupt_seen |= _corrupt(runs)

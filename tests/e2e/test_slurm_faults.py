@@ -32,7 +32,6 @@ import random
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -43,22 +42,21 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import cli
 from callbacks.checkpoint_io import AtomicCheckpointIO, atomic_torch_save, remove_stale_temporaries
-from tests.e2e.helpers import QUICKSTART, ROOT
+from tests.e2e.faults import (
+    MAX_STEPS,
+    fit_command,
+    kill_at_random_moment,
+    plain_env,
+    probed_step,
+    start,
+)
+from tests.e2e.helpers import ROOT
 
-FAULTS = [*QUICKSTART, "--config", "tests/e2e/faults.yaml"]
-MAX_STEPS = 12  # tests/e2e/faults.yaml
 JOB = "4242"
-STEP_FILE = re.compile(r"^\.?step(\d+)\.ckpt")  # step000007.ckpt and its temporary .step000007.ckpt.<rand>.tmp
 FINISHED = "`Trainer.fit` stopped: `max_steps="
 
 
 # --------------------------------------------------------------------------------------------------------- helpers
-def plain_env(**extra: str) -> dict[str, str]:
-    """The test's environment without any SLURM variables (CI may itself run under SLURM)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    return {**env, "PYTHONUNBUFFERED": "1", **extra}
-
-
 def slurm_env(job_id: str, bin_dir: Path, ntasks: int = 1, **extra: str) -> dict[str, str]:
     """What ``srun`` exports to one task of a one-node job (SLURMEnvironment reads these), and the fake scontrol."""
     return plain_env(
@@ -76,16 +74,6 @@ def fake_scontrol(directory: Path) -> Path:
     script.write_text('#!/bin/sh\nprintf \'%s\\n\' "$*" >> "$SCONTROL_LOG"\nexit 0\n')
     script.chmod(0o755)
     return directory
-
-
-def fit_command(runs: Path, *args: str) -> list[str]:
-    return [sys.executable, "cli.py", "fit", *FAULTS, "--trainer.logger.init_args.save_dir", str(runs), *args]
-
-
-def start(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
-    """Start ``cmd`` from the repository root with stdout and stderr going to ``log``."""
-    with open(log, "w") as out:
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
 def run(cmd: list[str], log: Path, env: dict[str, str], timeout: float = 300) -> str:
@@ -391,56 +379,6 @@ def test_devices_times_nodes_must_equal_slurm_ntasks(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- SIGKILL fault injection
-def _checkpoint_names(runs: Path) -> set[str]:
-    """Names in every run's checkpoints/ directory (cheap enough to poll every millisecond)."""
-    names = set()
-    for ckpts in runs.glob("*/*/checkpoints"):
-        with contextlib.suppress(FileNotFoundError):
-            names.update(f"{ckpts}/{entry.name}" for entry in os.scandir(ckpts))
-    return names
-
-
-def _probed_step(probe: Path) -> int | None:
-    """The step a launch started training from (StateProbe), or None if it was killed before writing it."""
-    try:
-        return int(torch.load(probe, weights_only=True)["global_step"])
-    except (FileNotFoundError, RuntimeError, EOFError):
-        return None
-
-
-def kill_at_random_moment(runs: Path, log: Path, probe: Path, moment: str, rng: random.Random) -> dict:
-    """Start ``fit --ckpt_path last`` and SIGKILL it at a ``moment`` drawn from ``rng`` (``rc`` if it finished first).
-
-    Moments: ``startup`` (0.2-5 s after launch: imports, config, model, first checkpoint), ``steps`` (0-1 s after the
-    launch's first new checkpoint) and ``write`` (as soon as the n-th new checkpoint temporary appears, n in 1..4:
-    inside ``torch.save``, fsync or rename). ``progress``: the highest step whose checkpoint write had begun.
-    """
-    before = _checkpoint_names(runs)
-    proc = start(fit_command(runs, "--ckpt_path", "last", "--trainer.callbacks+=tests.e2e.helpers.StateProbe"),
-                 log, plain_env(ZIGMA_STATE_PROBE=str(probe)))  # fmt: skip
-    launched = time.monotonic()
-    if moment == "startup":
-        deadline = launched + rng.uniform(0.2, 5.0)
-    else:
-        wanted, suffix = (rng.randint(1, 4), ".tmp") if moment == "write" else (1, ".ckpt")
-        delay = rng.uniform(0.0, 1.0) if moment == "steps" else 0.0
-        seen: set[str] = set()
-        while proc.poll() is None and len(seen) < wanted:
-            seen.update(n for n in _checkpoint_names(runs) - before if n.endswith(suffix))
-            time.sleep(0.001)
-        deadline = time.monotonic() + delay
-    while time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.002)
-    if proc.poll() is not None:
-        return {"rc": proc.returncode}
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
-    new = [Path(n).name for n in _checkpoint_names(runs) - before]
-    steps = [int(m.group(1)) for n in new if (m := STEP_FILE.match(n))]
-    return {"moment": moment, "at_s": round(time.monotonic() - launched, 2), "progress": max(steps, default=0),
-            "torn": [n for n in new if n.endswith(".tmp")]}  # fmt: skip
-
-
 @pytest.mark.slow
 def test_sigkill_at_random_moments_never_leaves_a_corrupt_checkpoint(tmp_path):
     """>= 10 SIGKILLs (seeded) in start-up, steps and checkpoint writes, resumed runs killed too. After every kill all
@@ -473,7 +411,7 @@ def test_sigkill_at_random_moments_never_leaves_a_corrupt_checkpoint(tmp_path):
         final_log = (work / f"{launch - 1}.log").read_text()
         assert FINISHED + f"{MAX_STEPS}` reached" in final_log, final_log[-3000:]
         for k in (k for k in kills if k["trial"] == trial):  # the next launch started from the furthest checkpoint
-            started = _probed_step(work / f"{k['launch'] + 1}.pt")
+            started = probed_step(work / f"{k['launch'] + 1}.pt")
             assert started in (None, k["resumable"]), k  # None: that launch was killed before training started
         steps = checkpoint_steps(runs)
         assert any(p.name == "last.ckpt" and s == MAX_STEPS for p, s in steps.items()), steps
