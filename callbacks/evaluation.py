@@ -141,7 +141,6 @@ class FrechetEvaluation(L.Callback):
         self.reference_batch_size = reference_batch_size
         self.metrics: list[_Frechet] = []
         self._captions: list[Tensor] = []
-        self.last: dict[str, float] = {}  # the last evaluation's logged values
 
     @property
     def enabled(self) -> bool:
@@ -309,14 +308,13 @@ class FrechetEvaluation(L.Callback):
             tag = f"{prefix}{item.name}_{count_tag(self.num_samples)}"
             logged[tag] = values[item.name]
         seconds = time.perf_counter() - start
-        logged[f"{prefix}{self.kind}_samples"] = float(total // self.metrics[-1].per_sample)
+        logged[f"{prefix}{self.kind}_samples"] = float(self.num_samples)  # = the all-reduced counts, checked above
         logged[f"{prefix}{self.kind}_nfe"] = float(nfe)
         logged[f"{prefix}{self.kind}_seconds"] = seconds
         for tag, value in logged.items():
             pl_module.log(tag, value, sync_dist=False, rank_zero_only=False)
         main = next(iter(logged.items()))
         log.info("%s = %.6g (%d samples, %d NFE, %.1f s)", main[0], main[1], self.num_samples, nfe, seconds)
-        self.last = logged
         return logged
 
 

@@ -95,6 +95,7 @@ from datamodules.shards import (
     stream_rng,
 )
 from zigma.images import resize_center_crop
+from zigma.metrics.reference import batches_of
 
 log = logging.getLogger("zigma.data")
 
@@ -596,8 +597,7 @@ class _ShardDataModule(ZigMaDataModule):
         decoder.hflip = False
         budget = BadSampleBudget(self.max_bad_samples, "reading reference pixels")
         samples = skip_bad_samples(read_shards(self.val_shards or self.shards, budget), decoder, budget)
-        while batch := [s["pixels"] for s in itertools.islice(samples, batch_size)]:
-            yield torch.stack(batch)
+        yield from batches_of((s["pixels"] for s in samples), batch_size)
 
 
 class WebDataModule(_ShardDataModule):

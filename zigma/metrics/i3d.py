@@ -32,20 +32,19 @@ def to_i3d_layout(videos: Tensor) -> Tensor:
     return videos.permute(0, 2, 1, 3, 4)
 
 
-def _missing_detector_message(path: Path) -> str:
+def _missing_detector_message(path: Path | None) -> str:
+    where = "(i3d_path is not set)" if path is None else f"at {path} (i3d_path)"
     return (
-        f"I3D detector for FVD not found at {path} (i3d_path); it is never downloaded at run time. On a machine with "
-        f"internet, fetch StyleGAN-V's TorchScript I3D once (~50 MB): `curl -L -o {I3D_FILE} '{I3D_URL}'`, copy it "
+        f"I3D detector for FVD not found {where}; it is never downloaded at run time. On a machine with "
+        f"internet, fetch StyleGAN-V's TorchScript I3D once: `curl -L -o {I3D_FILE} '{I3D_URL}'`, copy it "
         "to this machine and pass its path as i3d_path."
     )
 
 
 def i3d_file(path: str | os.PathLike | None) -> Path:
     """``path`` if it is a file, else FileNotFoundError saying where to get StyleGAN-V's I3D."""
-    if path is None:
-        raise FileNotFoundError(_missing_detector_message(Path(I3D_FILE)).replace(" at i3d_torchscript.pt", ""))
-    path = Path(path).expanduser()
-    if not path.is_file():
+    path = None if path is None else Path(path).expanduser()
+    if path is None or not path.is_file():
         raise FileNotFoundError(_missing_detector_message(path))
     return path
 

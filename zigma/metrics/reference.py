@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import logging
 import re
@@ -145,8 +146,7 @@ def load_image(path: str | Path, resolution: int) -> Tensor:
 
 def folder_batches(files: Sequence[Path], resolution: int, batch_size: int) -> Iterator[Tensor]:
     """uint8 batches (B, 3, S, S) of the given files, in order."""
-    for start in range(0, len(files), batch_size):
-        yield torch.stack([load_image(f, resolution) for f in files[start : start + batch_size]])
+    return batches_of((load_image(f, resolution) for f in files), batch_size)
 
 
 def expand_pattern(pattern: str | Sequence[str]) -> list[str]:
@@ -191,8 +191,6 @@ def shard_images(shards: Sequence[str], image_key: str, resolution: int) -> Iter
 
 def batches_of(items: Iterable[Tensor], batch_size: int) -> Iterator[Tensor]:
     """Stacks consecutive tensors into batches of ``batch_size`` (the last one may be smaller)."""
-    import itertools
-
     items = iter(items)
     while batch := list(itertools.islice(items, batch_size)):
         yield torch.stack(batch)
