@@ -57,27 +57,103 @@ chunk length below are first guesses, not tuned on a GPU.
 """
 
 import contextlib
+import dataclasses
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["INTERPRET", "selective_scan_triton"]
+__all__ = ["INTERPRET", "TritonScanConfig", "selective_scan_triton"]
 
-# Default chunk: saved states cost B·(L/T)·D·N·4 bytes (= B·L·D bytes at T = 64, N = 16), and the backward program
-# holds [T, BLOCK_D] fp32 tiles in registers.
-DEFAULT_CHUNK_SIZE = 64
-_FWD_BLOCK_D = 32
-_BWD_BLOCK_D = 16
+_LOG2E = 1.4426950408889634
 _PASS_BLOCK = 512
-_FWD_WARPS = 4
-_BWD_WARPS = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonScanConfig:
+    """Tiling, warps and splits of the Triton scan: parameters a benchmark can sweep, never module state.
+
+    Defaults come from the compile report (``benchmarks/triton_compile_report.py``, table in
+    ``benchmarks/RESULTS.md``): every kernel compiles without spills for sm_80 and sm_90 at the model's shapes, and the
+    backward at ≤ 128 registers per thread. They are NOT yet tuned by timing on a GPU: ``benchmarks/triton_triage.py``
+    sweeps them on the first lent GPU.
+
+    Attributes:
+        chunk_size: T, steps between saved chunk-start states (power of two); also the backward tile height. Saved
+            states cost B·(L/T)·D·N·4 bytes (= 2·B·L·D bytes at T = 32, N = 16).
+        fwd_block_d: channels per forward program (power of two); its [fwd_block_d, N] state tile lives in registers.
+        fwd_warps: warps per forward program.
+        bwd_block_d: channels per backward program (power of two); the backward holds [T, bwd_block_d] fp32 tiles.
+        bwd_warps: warps per backward program.
+        l_split: forward programs along L; 0 picks it from occupancy (see ``fwd_programs_per_sm``).
+        fwd_programs_per_sm: resident forward programs per SM to aim for when ``l_split`` is 0: the register file
+            allows 12 at 40 registers × 4 warps (compile report), so 12 fills an SM without oversubscribing it.
+        deterministic: reduce dA, dD, d delta_bias, dB and dC through per-program partial sums and a ``sum``
+            (bit-identical run to run, extra memory ≈ 2·(D/bwd_block_d)·B·L·N·4 bytes) instead of fp32 atomics.
+            Provisional default False (atomics), to be settled by ``benchmarks/triton_triage.py``'s timing.
+    """
+
+    chunk_size: int = 32
+    fwd_block_d: int = 32
+    fwd_warps: int = 4
+    bwd_block_d: int = 16
+    bwd_warps: int = 8
+    l_split: int = 0
+    fwd_programs_per_sm: int = 12
+    deterministic: bool = False
+
+    def __post_init__(self):
+        for name in ("chunk_size", "fwd_block_d", "fwd_warps", "bwd_block_d", "bwd_warps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value & (value - 1):
+                raise ValueError(f"TritonScanConfig: {name}={value!r}; must be a power of two >= 1")
+        for name in ("l_split", "fwd_programs_per_sm"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"TritonScanConfig: {name}={value!r}; must be an int >= 0")
+        if not isinstance(self.deterministic, bool):
+            raise ValueError(f"TritonScanConfig: deterministic={self.deterministic!r}; must be True or False")
+
+    def to_ints(self) -> list[int]:
+        """The fields as ints, in declaration order (how the custom op's schema carries them)."""
+        return [int(getattr(self, f.name)) for f in dataclasses.fields(self)]
+
+    @classmethod
+    def from_ints(cls, values) -> "TritonScanConfig":
+        fields = dataclasses.fields(cls)
+        if len(values) != len(fields):
+            raise ValueError(f"TritonScanConfig: expected {len(fields)} ints, got {len(values)}")
+        return cls(**{f.name: (bool(v) if f.type in (bool, "bool") else int(v)) for f, v in zip(fields, values)})
+
+
+DEFAULT_CONFIG = TritonScanConfig()
+DEFAULT_CHUNK_SIZE = DEFAULT_CONFIG.chunk_size
+
+
+@triton.jit
+def _exp(x):
+    """exp(x) to ~2 ulp on GPU too: 2^n · 2^(r log2 e) with r = x - n ln 2 (Cody-Waite split of ln 2), n integer.
+
+    ``tl.exp`` compiles to ``ex2.approx(x · log2 e)``, whose rounding of x · log2 e costs ~|x|·1e-7 relative.
+    """
+    n = tl.floor(x * 1.4426950408889634 + 0.5)
+    r = x - n * 0.693145751953125 - n * 1.4286068203094173e-06
+    return tl.exp2(n) * tl.exp2(r * 1.4426950408889634)
 
 
 @triton.jit
 def _softplus(x):
-    """torch.nn.functional.softplus with beta 1 and threshold 20 (min() keeps exp finite in the unused branch)."""
-    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
+    """torch.nn.functional.softplus (beta 1, threshold 20): x above 20, else log1p(exp(x)).
+
+    log1p(e) uses Kahan's trick, w = 1 + e rounded: e if w == 1 else log(w) · e / (w - 1), which stays within a few
+    ulp where ``log(1 + exp(x))`` loses all digits (x < -7). x is clamped to [-200, 20] for the exp only (exp(-200)
+    underflows to 0 anyway); ``tl.where`` keeps NaN a NaN.
+    """
+    e = _exp(tl.where(x > 20.0, 20.0, tl.where(x < -200.0, -200.0, x)))
+    w = 1.0 + e
+    w_minus_1 = tl.where(w == 1.0, 1.0, w - 1.0)
+    log1p_e = tl.where(w == 1.0, e, tl.log(w) * (e / w_minus_1))
+    return tl.where(x > 20.0, x, log1p_e)
 
 
 @triton.jit
@@ -87,13 +163,27 @@ def _affine_combine(a_l, b_l, a_r, b_r):
 
 
 @triton.jit
+def _load_dt(dt_row, t, s_tl, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """Δ'_t = softplus(Δ_t + bias) (or without either) as fp32 [BLOCK_D], 0 where ``mask`` is off."""
+    dt = tl.load(dt_row + t * s_tl, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        dt += bias
+    if SOFTPLUS:
+        dt = _softplus(dt)
+    return tl.where(mask, dt, 0.0)
+
+
+@triton.jit
 def _fwd_local_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, bias_ptr, hend_ptr, decay_ptr,
     seqlen, dim, dstate, steps_per_split,
     s_ub, s_ul, s_ud, s_tb, s_tl, s_td, s_ad, s_an, s_bb, s_bl, s_bn,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
 ):  # fmt: skip
-    """Split s < S-1 from zero state: hend[b, s] = h at the split's end, decay[b, s] = Π_t exp(Δ'_t A)."""
+    """Split s < S-1 from zero state: hend[b, s] = h at the split's end, decay[b, s] = Π_t exp(Δ'_t A).
+
+    Step t+1's inputs are loaded before step t's math (software prefetch), so the loop does not wait on memory.
+    """
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -101,9 +191,11 @@ def _fwd_local_kernel(
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     mask_d = offs_d < dim
-    mask_dn = mask_d[:, None] & (offs_n < dstate)[None, :]
+    mask_n = offs_n < dstate
+    mask_dn = mask_d[:, None] & mask_n[None, :]
     a2 = tl.load(A_ptr + offs_d[:, None] * s_ad + offs_n[None, :] * s_an, mask=mask_dn, other=0.0).to(tl.float32)
     a2 = a2 * 1.4426950408889634  # exp(Δ'A) = exp2(Δ'A log2 e)
+    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     u_row = u_ptr + pid_b * s_ub + offs_d * s_ud
@@ -113,18 +205,18 @@ def _fwd_local_kernel(
     log_decay = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
     t_begin = pid_s * steps_per_split
     t_end = tl.minimum(t_begin + steps_per_split, seqlen)
+    u_t = tl.load(u_row + t_begin * s_ul, mask=mask_d, other=0.0).to(tl.float32)
+    dt_t = _load_dt(dt_row, t_begin, s_tl, mask_d, bias, HAS_BIAS, SOFTPLUS)
+    b_t = tl.load(b_row + t_begin * s_bl, mask=mask_n, other=0.0).to(tl.float32)
     for t in range(t_begin, t_end):
-        u_t = tl.load(u_row + t * s_ul, mask=mask_d, other=0.0).to(tl.float32)
-        dt_t = tl.load(dt_row + t * s_tl, mask=mask_d, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            dt_t += bias
-        if SOFTPLUS:
-            dt_t = _softplus(dt_t)
-        dt_t = tl.where(mask_d, dt_t, 0.0)
-        b_t = tl.load(b_row + t * s_bl, mask=offs_n < dstate, other=0.0).to(tl.float32)
+        more = t + 1 < t_end  # prefetch step t+1
+        u_next = tl.load(u_row + (t + 1) * s_ul, mask=mask_d & more, other=0.0).to(tl.float32)
+        dt_next = _load_dt(dt_row, t + 1, s_tl, mask_d & more, bias, HAS_BIAS, SOFTPLUS)
+        b_next = tl.load(b_row + (t + 1) * s_bl, mask=mask_n & more, other=0.0).to(tl.float32)
         da = dt_t[:, None] * a2
         h = tl.exp2(da) * h + (dt_t * u_t)[:, None] * b_t[None, :]
         log_decay += da
+        u_t, dt_t, b_t = u_next, dt_next, b_next
     offs = ((pid_b * n_local + pid_s) * dim + offs_d[:, None]) * dstate + offs_n[None, :]
     tl.store(hend_ptr + offs, h, mask=mask_dn)
     tl.store(decay_ptr + offs, tl.exp2(log_decay), mask=mask_dn)
@@ -160,13 +252,17 @@ def _state_passing_kernel(local_ptr, decay_ptr, out_ptr, n_seg, inner, BLOCK: tl
 @triton.jit
 def _fwd_kernel(
     u_ptr, dt_ptr, z_ptr, A_ptr, B_ptr, C_ptr, Dv_ptr, bias_ptr, hstart_ptr, out_ptr, states_ptr, last_ptr,
-    seqlen, dim, dstate, n_chunks, chunks_per_split,
+    seqlen, dim, dstate, n_chunks, steps_per_split,
     s_ub, s_ul, s_ud, s_tb, s_tl, s_td, s_zb, s_zl, s_zd, s_ad, s_an,
     s_bb, s_bl, s_bn, s_cb, s_cl, s_cn, s_ob, s_ol,
     T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_HSTART: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_HSTART: tl.constexpr, STORE_STATES: tl.constexpr,
 ):  # fmt: skip
-    """Sequential scan of one (batch, BLOCK_D channels, L split): gated output, chunk-start states, last state."""
+    """Sequential scan of one (batch, BLOCK_D channels, L split): gated output, chunk-start states, last state.
+
+    One loop over the split's steps; step t+1's u, Δ, z, B, C are loaded before step t's math (software prefetch).
+    Chunk-start states are stored only with STORE_STATES (i.e. when a backward will need them).
+    """
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -178,6 +274,7 @@ def _fwd_kernel(
     mask_dn = mask_d[:, None] & mask_n[None, :]
     a2 = tl.load(A_ptr + offs_d[:, None] * s_ad + offs_n[None, :] * s_an, mask=mask_dn, other=0.0).to(tl.float32)
     a2 = a2 * 1.4426950408889634
+    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     if HAS_D:
@@ -193,30 +290,49 @@ def _fwd_kernel(
         h = tl.load(hstart_ptr + (pid_b * n_split + pid_s) * dim * dstate + offs_dn, mask=mask_dn, other=0.0)
     else:
         h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
-    c_begin = pid_s * chunks_per_split
-    c_end = tl.minimum(c_begin + chunks_per_split, n_chunks)
-    for c in range(c_begin, c_end):
-        tl.store(states_ptr + (pid_b * n_chunks + c) * dim * dstate + offs_dn, h, mask=mask_dn)
-        t_end = tl.minimum(c * T + T, seqlen)
-        for t in range(c * T, t_end):
-            u_t = tl.load(u_row + t * s_ul, mask=mask_d, other=0.0).to(tl.float32)
-            dt_t = tl.load(dt_row + t * s_tl, mask=mask_d, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                dt_t += bias
-            if SOFTPLUS:
-                dt_t = _softplus(dt_t)
-            dt_t = tl.where(mask_d, dt_t, 0.0)
-            b_t = tl.load(b_row + t * s_bl, mask=mask_n, other=0.0).to(tl.float32)
-            c_t = tl.load(c_row + t * s_cl, mask=mask_n, other=0.0).to(tl.float32)
-            h = tl.exp2(dt_t[:, None] * a2) * h + (dt_t * u_t)[:, None] * b_t[None, :]
-            y = tl.sum(h * c_t[None, :], axis=1)
-            if HAS_D:
-                y += d_skip * u_t
-            if HAS_Z:
-                z_t = tl.load(z_row + t * s_zl, mask=mask_d, other=0.0).to(tl.float32)
-                y = y * z_t * tl.sigmoid(z_t)
-            tl.store(out_row + t * s_ol, y.to(out_ptr.dtype.element_ty), mask=mask_d)
+    t_begin = pid_s * steps_per_split  # a multiple of T
+    t_end = tl.minimum(t_begin + steps_per_split, seqlen)
+    u_t = tl.load(u_row + t_begin * s_ul, mask=mask_d, other=0.0).to(tl.float32)
+    dt_t = _load_dt(dt_row, t_begin, s_tl, mask_d, bias, HAS_BIAS, SOFTPLUS)
+    b_t = tl.load(b_row + t_begin * s_bl, mask=mask_n, other=0.0).to(tl.float32)
+    c_t = tl.load(c_row + t_begin * s_cl, mask=mask_n, other=0.0).to(tl.float32)
+    z_t = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_Z:
+        z_t = tl.load(z_row + t_begin * s_zl, mask=mask_d, other=0.0).to(tl.float32)
+    for t in range(t_begin, t_end):
+        more = t + 1 < t_end  # prefetch step t+1
+        u_next = tl.load(u_row + (t + 1) * s_ul, mask=mask_d & more, other=0.0).to(tl.float32)
+        dt_next = _load_dt(dt_row, t + 1, s_tl, mask_d & more, bias, HAS_BIAS, SOFTPLUS)
+        b_next = tl.load(b_row + (t + 1) * s_bl, mask=mask_n & more, other=0.0).to(tl.float32)
+        c_next = tl.load(c_row + (t + 1) * s_cl, mask=mask_n & more, other=0.0).to(tl.float32)
+        z_next = z_t
+        if HAS_Z:
+            z_next = tl.load(z_row + (t + 1) * s_zl, mask=mask_d & more, other=0.0).to(tl.float32)
+        if STORE_STATES:
+            if t % T == 0:  # H_c = h_{cT-1}, the state entering chunk c
+                tl.store(states_ptr + (pid_b * n_chunks + t // T) * dim * dstate + offs_dn, h, mask=mask_dn)
+        h = tl.exp2(dt_t[:, None] * a2) * h + (dt_t * u_t)[:, None] * b_t[None, :]
+        y = tl.sum(h * c_t[None, :], axis=1)
+        if HAS_D:
+            y += d_skip * u_t
+        if HAS_Z:
+            y = y * z_t * tl.sigmoid(z_t)
+        tl.store(out_row + t * s_ol, y.to(out_ptr.dtype.element_ty), mask=mask_d)
+        u_t, dt_t, b_t, c_t, z_t = u_next, dt_next, b_next, c_next, z_next
     tl.store(last_ptr + pid_b * dim * dstate + offs_dn, h, mask=mask_dn & (pid_s == n_split - 1))
+
+
+@triton.jit
+def _load_dy_dt_c(g_row, z_row, dt_row, c_row, t, s_gl, s_zl, s_tl, s_cl, mask_d, mask_n, bias,
+                  HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):  # fmt: skip
+    """Step t of the adjoint: dy_t = dout_t ⊙ silu(z_t) and Δ'_t as fp32 [BLOCK_D], C_t as fp32 [BLOCK_N]."""
+    dy = tl.load(g_row + t * s_gl, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_Z:
+        z_t = tl.load(z_row + t * s_zl, mask=mask_d, other=0.0).to(tl.float32)
+        dy = dy * z_t * tl.sigmoid(z_t)
+    dt = _load_dt(dt_row, t, s_tl, mask_d, bias, HAS_BIAS, SOFTPLUS)
+    c_t = tl.load(c_row + t * s_cl, mask=mask_n, other=0.0).to(tl.float32)
+    return dy, dt, c_t
 
 
 @triton.jit
@@ -227,7 +343,10 @@ def _bwd_local_kernel(
     T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
 ):  # fmt: skip
-    """Chunk c = 1 + program_id(2): adjoint recurrence from zero carry; store lc_c and the chunk decay P_c."""
+    """Chunk c = 1 + program_id(2): adjoint recurrence from zero carry; store lc_c and the chunk decay P_c.
+
+    Step t-1's inputs are loaded before step t's math (software prefetch, backwards in time).
+    """
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -239,6 +358,7 @@ def _bwd_local_kernel(
     mask_dn = mask_d[:, None] & mask_n[None, :]
     a2 = tl.load(A_ptr + offs_d[:, None] * s_ad + offs_n[None, :] * s_an, mask=mask_dn, other=0.0).to(tl.float32)
     a2 = a2 * 1.4426950408889634
+    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     g_row = dout_ptr + pid_b * s_gb + offs_d * s_gd
@@ -250,26 +370,30 @@ def _bwd_local_kernel(
     log_decay = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
     t_begin = (pid_k + 1) * T
     t_end = tl.minimum(t_begin + T, seqlen)
+    dy, dt_t, c_t = _load_dy_dt_c(g_row, z_row, dt_row, c_row, t_end - 1, s_gl, s_zl, s_tl, s_cl, mask_d, mask_n,
+                                  bias, HAS_Z, HAS_BIAS, SOFTPLUS)  # fmt: skip
     for i in range(0, t_end - t_begin):
         t = t_end - 1 - i
-        dy = tl.load(g_row + t * s_gl, mask=mask_d, other=0.0).to(tl.float32)
-        if HAS_Z:
-            z_t = tl.load(z_row + t * s_zl, mask=mask_d, other=0.0).to(tl.float32)
-            dy = dy * z_t * tl.sigmoid(z_t)
-        dt_t = tl.load(dt_row + t * s_tl, mask=mask_d, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            dt_t += bias
-        if SOFTPLUS:
-            dt_t = _softplus(dt_t)
-        dt_t = tl.where(mask_d, dt_t, 0.0)
-        c_t = tl.load(c_row + t * s_cl, mask=mask_n, other=0.0).to(tl.float32)
+        more = t > t_begin  # prefetch step t-1
+        dy_prev, dt_prev, c_prev = _load_dy_dt_c(g_row, z_row, dt_row, c_row, t - 1, s_gl, s_zl, s_tl, s_cl,
+                                                 mask_d & more, mask_n & more, bias, HAS_Z, HAS_BIAS, SOFTPLUS)  # fmt: skip
         da = dt_t[:, None] * a2
         dh = tl.exp2(da_next) * dh + dy[:, None] * c_t[None, :]
         da_next = da
         log_decay += da
+        dy, dt_t, c_t = dy_prev, dt_prev, c_prev
     offs = ((pid_b * n_local + pid_k) * dim + offs_d[:, None]) * dstate + offs_n[None, :]
     tl.store(lcarry_ptr + offs, tl.exp2(da_next) * dh, mask=mask_dn)
     tl.store(decay_ptr + offs, tl.exp2(log_decay), mask=mask_dn)
+
+
+@triton.jit
+def _reduce_channels(ptr, pid_b, pid_c, n_chunks, dim, offs_d, value, mask_d, DETERMINISTIC: tl.constexpr):
+    """Add a per-channel [BLOCK_D] partial: store into (B, n_chunks, D) partials, or atomic_add into (D,)."""
+    if DETERMINISTIC:
+        tl.store(ptr + (pid_b * n_chunks + pid_c) * dim + offs_d, value, mask=mask_d)
+    else:
+        tl.atomic_add(ptr + offs_d, value, mask=mask_d, sem="relaxed")
 
 
 @triton.jit
@@ -280,9 +404,14 @@ def _bwd_kernel(
     s_gb, s_gl, s_gd, s_ub, s_ul, s_ud, s_tb, s_tl, s_td, s_zb, s_zl, s_zd, s_ad, s_an,
     s_bb, s_bl, s_bn, s_cb, s_cl, s_cn,
     T: tl.constexpr, BLOCK_D: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_CARRY: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_CARRY: tl.constexpr, DETERMINISTIC: tl.constexpr,
 ):  # fmt: skip
-    """Gradients of one (batch, BLOCK_D channels, chunk): [T, BLOCK_D] tiles, a loop over states n with two scans."""
+    """Gradients of one (batch, BLOCK_D channels, chunk): [T, BLOCK_D] tiles, a loop over states n with two scans.
+
+    Reductions: with DETERMINISTIC, this program's partial sums are stored (dB/dC into (D/BLOCK_D, B, L, N), dA into
+    (B, n_chunks, D, N), dD/d delta_bias into (B, n_chunks, D)) and summed by the caller; otherwise they are
+    fp32 ``atomic_add``-ed into (B, L, N), (D, N) and (D,) buffers.
+    """
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     pid_c = tl.program_id(2)
@@ -347,16 +476,22 @@ def _bwd_kernel(
         g = dh * (h - x)  # = dh ⊙ dA_t ⊙ h_{t-1}
         d_dt += g * a_n[None, :]
         d_a = tl.sum(g * dt, axis=0)
-        bc_offs = (pid_b * seqlen + offs_t) * dstate + n
-        tl.atomic_add(dB_ptr + bc_offs, d_b, mask=mask_t, sem="relaxed")
-        tl.atomic_add(dC_ptr + bc_offs, d_c, mask=mask_t, sem="relaxed")
-        tl.atomic_add(dA_ptr + offs_d * dstate + n, d_a, mask=mask_d, sem="relaxed")
+        if DETERMINISTIC:
+            bc_offs = ((pid_d * tl.num_programs(0) + pid_b) * seqlen + offs_t) * dstate + n
+            tl.store(dB_ptr + bc_offs, d_b, mask=mask_t)
+            tl.store(dC_ptr + bc_offs, d_c, mask=mask_t)
+            tl.store(dA_ptr + state_base + n, d_a, mask=mask_d)
+        else:
+            bc_offs = (pid_b * seqlen + offs_t) * dstate + n
+            tl.atomic_add(dB_ptr + bc_offs, d_b, mask=mask_t, sem="relaxed")
+            tl.atomic_add(dC_ptr + bc_offs, d_c, mask=mask_t, sem="relaxed")
+            tl.atomic_add(dA_ptr + offs_d * dstate + n, d_a, mask=mask_d, sem="relaxed")
 
     u = tl.load(u_tile, mask=mask_td, other=0.0).to(tl.float32)
     if HAS_D:
         d_skip = tl.load(Dv_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
         du = dy * d_skip[None, :] + d_dtu * dt
-        tl.atomic_add(dD_ptr + offs_d, tl.sum(dy * u, axis=0), mask=mask_d, sem="relaxed")
+        _reduce_channels(dD_ptr, pid_b, pid_c, n_chunks, dim, offs_d, tl.sum(dy * u, axis=0), mask_d, DETERMINISTIC)
     else:
         du = d_dtu * dt
     d_dt += d_dtu * u
@@ -366,7 +501,7 @@ def _bwd_kernel(
             dt_raw += bias[None, :]
         d_dt = d_dt * tl.sigmoid(dt_raw)  # softplus'(x) = σ(x)
     if HAS_BIAS:
-        tl.atomic_add(dbias_ptr + offs_d, tl.sum(d_dt, axis=0), mask=mask_d, sem="relaxed")
+        _reduce_channels(dbias_ptr, pid_b, pid_c, n_chunks, dim, offs_d, tl.sum(d_dt, axis=0), mask_d, DETERMINISTIC)
     out_offs = (pid_b * seqlen + offs_t[:, None]) * dim + offs_d[None, :]  # contiguous (B, L, D) gradients
     tl.store(du_ptr + out_offs, du.to(du_ptr.dtype.element_ty), mask=mask_td)
     tl.store(ddt_ptr + out_offs, d_dt.to(ddt_ptr.dtype.element_ty), mask=mask_td)
@@ -411,10 +546,17 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _num_splits(batch: int, dim: int, n_chunks: int, device: torch.device) -> int:
-    """Forward L splits so that B · D/BLOCK_D · S reaches ~4 programs per SM (1 when the batch already fills it)."""
-    programs = batch * triton.cdiv(dim, _FWD_BLOCK_D)
-    return max(1, min(n_chunks, triton.cdiv(4 * _sm_count(device), programs)))
+def _num_splits(batch: int, dim: int, n_chunks: int, sm_count: int, config: TritonScanConfig) -> int:
+    """Forward programs along L: ``config.l_split``, or enough that B · D/fwd_block_d · S fills the GPU.
+
+    The target is ``fwd_programs_per_sm`` resident programs on each of ``sm_count`` SMs (the occupancy the compile
+    report gives the forward kernel); 1 when the batch already fills it, at most one split per chunk.
+    """
+    if config.l_split > 0:
+        return min(config.l_split, n_chunks)
+    programs = batch * triton.cdiv(dim, config.fwd_block_d)
+    target = max(1, config.fwd_programs_per_sm) * sm_count
+    return max(1, min(n_chunks, target // programs))
 
 
 def _opt(x: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
@@ -426,49 +568,44 @@ def _strides3(x: torch.Tensor | None) -> tuple[int, int, int]:
     return tuple(x.stride()) if x is not None else (0, 0, 0)
 
 
-_FWD_SCHEMA = (
-    "(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, "
-    "bool delta_softplus, int chunk_size, int l_split) -> (Tensor, Tensor, Tensor)"
-)
-_BWD_SCHEMA = (
-    "(Tensor dout, Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, "
-    "Tensor states, bool delta_softplus, int chunk_size) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
-)
+def _block_n(dstate: int) -> int:
+    return max(2, triton.next_power_of_2(dstate))
 
 
-@torch.library.custom_op("zigma::selective_scan_fwd", mutates_args=(), schema=_FWD_SCHEMA)
-def _selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_size, l_split):
-    """Channel-last forward: u, delta, z (B, L, D); B, C (B, L, N). Returns out (B, L, D) contiguous in u's dtype,
-    last_state (B, D, N) fp32 and the chunk-start states (B, ceil(L / chunk_size), D, N) fp32 kept for backward.
-    ``l_split`` = number of programs along L (0: chosen from the batch size and the SM count)."""
-    _check_device(u)
+def launch_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, config, *, store_states, sm_count):
+    """Launch the forward kernels on channel-last inputs: u, delta, z (B, L, D); B, C (B, L, N).
+
+    Returns out (B, L, D) contiguous in u's dtype, last_state (B, D, N) fp32 and the chunk-start states
+    (B, ceil(L / chunk_size), D, N) fp32, or (B, 0, D, N) without ``store_states``. The tensors may be ``meta``
+    tensors (``benchmarks/triton_compile_report.py`` records the launches that way).
+    """
     batch, seqlen, dim = u.shape
     dstate = A.shape[1]
-    n_chunks = triton.cdiv(seqlen, chunk_size)
-    n_split = l_split if l_split > 0 else _num_splits(batch, dim, n_chunks, u.device)
-    chunks_per_split = triton.cdiv(n_chunks, min(n_split, n_chunks))
+    chunk = config.chunk_size
+    n_chunks = triton.cdiv(seqlen, chunk)
+    n_split = _num_splits(batch, dim, n_chunks, sm_count, config)
+    chunks_per_split = triton.cdiv(n_chunks, n_split)
     n_split = triton.cdiv(n_chunks, chunks_per_split)
     f32 = dict(device=u.device, dtype=torch.float32)
     out = torch.empty(batch, seqlen, dim, device=u.device, dtype=u.dtype)
     last_state = torch.empty(batch, dim, dstate, **f32)
-    states = torch.empty(batch, n_chunks, dim, dstate, **f32)
-    n_dblk = triton.cdiv(dim, _FWD_BLOCK_D)
+    states = torch.empty(batch, n_chunks if store_states else 0, dim, dstate, **f32)
+    n_dblk = triton.cdiv(dim, config.fwd_block_d)
     common = dict(
-        BLOCK_D=_FWD_BLOCK_D,
-        BLOCK_N=max(2, triton.next_power_of_2(dstate)),
+        BLOCK_D=config.fwd_block_d,
+        BLOCK_N=_block_n(dstate),
         HAS_BIAS=delta_bias is not None,
         SOFTPLUS=delta_softplus,
-        num_warps=_FWD_WARPS,
+        num_warps=config.fwd_warps,
     )
     with _device_guard(u):
-        hstart = states  # placeholder pointer when there is one split
+        hstart = last_state  # placeholder pointer when there is one split
         if n_split > 1:
             hend = torch.empty(batch, n_split - 1, dim, dstate, **f32)
             decay = torch.empty_like(hend)
             _fwd_local_kernel[(batch, n_dblk, n_split - 1)](
                 u, delta, A, B, _opt(delta_bias, A), hend, decay,
-                seqlen, dim, dstate, chunks_per_split * chunk_size,
+                seqlen, dim, dstate, chunks_per_split * chunk,
                 *u.stride(), *delta.stride(), *A.stride(), *B.stride(),
                 **common,
             )  # fmt: skip
@@ -477,52 +614,56 @@ def _selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chu
                 hend, decay, hstart, n_split, dim * dstate, BLOCK=_PASS_BLOCK, REVERSE=False
             )
         _fwd_kernel[(batch, n_dblk, n_split)](
-            u, delta, _opt(z, u), A, B, C, _opt(D, A), _opt(delta_bias, A), hstart, out, states, last_state,
-            seqlen, dim, dstate, n_chunks, chunks_per_split,
+            u, delta, _opt(z, u), A, B, C, _opt(D, A), _opt(delta_bias, A), hstart, out,
+            states if store_states else last_state, last_state,
+            seqlen, dim, dstate, n_chunks, chunks_per_split * chunk,
             *u.stride(), *delta.stride(), *_strides3(z), *A.stride(), *B.stride(), *C.stride(),
             out.stride(0), out.stride(1),
-            T=chunk_size, HAS_D=D is not None, HAS_Z=z is not None, HAS_HSTART=n_split > 1, **common,
+            T=chunk, HAS_D=D is not None, HAS_Z=z is not None, HAS_HSTART=n_split > 1, STORE_STATES=store_states,
+            **common,
         )  # fmt: skip
     return out, last_state, states
 
 
-@_selective_scan_fwd.register_fake
-def _selective_scan_fwd_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_size, l_split):
-    batch, seqlen, dim = u.shape
-    dstate = A.shape[1]
-    n_chunks = (seqlen + chunk_size - 1) // chunk_size
-    return (
-        u.new_empty(batch, seqlen, dim),
-        u.new_empty(batch, dim, dstate, dtype=torch.float32),
-        u.new_empty(batch, n_chunks, dim, dstate, dtype=torch.float32),
-    )
+def launch_backward(dout, u, delta, A, B, C, D, z, delta_bias, states, delta_softplus, config):
+    """Launch the backward kernels (channel-last, as :func:`launch_forward`; ``states`` from it).
 
-
-@torch.library.custom_op("zigma::selective_scan_bwd", mutates_args=(), schema=_BWD_SCHEMA)
-def _selective_scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, states, delta_softplus, chunk_size):
-    """Channel-last backward. Returns du, ddelta, dz (B, L, D) contiguous in their inputs' dtypes; dA (D, N);
-    dB, dC (B, L, N) contiguous; dD, d delta_bias (D,). Absent inputs (D, z, delta_bias) get empty (0,) tensors."""
-    _check_device(u)
+    Returns du, ddelta, dz (B, L, D) contiguous in their inputs' dtypes; dA (D, N); dB, dC (B, L, N) contiguous;
+    dD, d delta_bias (D,). Absent inputs (D, z, delta_bias) get empty (0,) tensors.
+    """
     batch, seqlen, dim = u.shape
     dstate = A.shape[1]
     n_chunks = states.shape[1]
+    chunk = config.chunk_size
+    if n_chunks != triton.cdiv(seqlen, chunk):
+        raise ValueError(
+            f"selective_scan_triton backward: {n_chunks} saved chunk states for L={seqlen}, chunk_size={chunk} "
+            "(the forward ran without storing states: no gradient was expected)"
+        )
     f32 = dict(device=u.device, dtype=torch.float32)
+    n_dblk = triton.cdiv(dim, config.bwd_block_d)
     du = torch.empty(batch, seqlen, dim, device=u.device, dtype=u.dtype)
     ddelta = torch.empty(batch, seqlen, dim, device=u.device, dtype=delta.dtype)
     dz = torch.empty(batch, seqlen, dim, device=u.device, dtype=z.dtype) if z is not None else u.new_empty(0)
-    dA = torch.zeros(dim, dstate, **f32)
-    dB = torch.zeros(batch, seqlen, dstate, **f32)
-    dC = torch.zeros(batch, seqlen, dstate, **f32)
-    dD = torch.zeros(dim, **f32) if D is not None else A.new_empty(0)
-    dbias = torch.zeros(dim, **f32) if delta_bias is not None else A.new_empty(0)
-    n_dblk = triton.cdiv(dim, _BWD_BLOCK_D)
+    if config.deterministic:  # per-program partial sums, reduced below by torch (no atomics)
+        dA = torch.empty(batch, n_chunks, dim, dstate, **f32)
+        dB = torch.empty(n_dblk, batch, seqlen, dstate, **f32)
+        dC = torch.empty(n_dblk, batch, seqlen, dstate, **f32)
+        dD = torch.empty(batch, n_chunks, dim, **f32) if D is not None else A.new_empty(0)
+        dbias = torch.empty(batch, n_chunks, dim, **f32) if delta_bias is not None else A.new_empty(0)
+    else:
+        dA = torch.zeros(dim, dstate, **f32)
+        dB = torch.zeros(batch, seqlen, dstate, **f32)
+        dC = torch.zeros(batch, seqlen, dstate, **f32)
+        dD = torch.zeros(dim, **f32) if D is not None else A.new_empty(0)
+        dbias = torch.zeros(dim, **f32) if delta_bias is not None else A.new_empty(0)
     common = dict(
-        T=chunk_size,
-        BLOCK_D=_BWD_BLOCK_D,
+        T=chunk,
+        BLOCK_D=config.bwd_block_d,
         HAS_Z=z is not None,
         HAS_BIAS=delta_bias is not None,
         SOFTPLUS=delta_softplus,
-        num_warps=_BWD_WARPS,
+        num_warps=config.bwd_warps,
     )
     with _device_guard(u):
         carry = states  # placeholder pointer when there is one chunk
@@ -533,7 +674,7 @@ def _selective_scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, states, delta
                 dout, _opt(z, u), delta, A, C, _opt(delta_bias, A), lcarry, decay,
                 seqlen, dim, dstate,
                 *dout.stride(), *_strides3(z), *delta.stride(), *A.stride(), *C.stride(),
-                BLOCK_N=max(2, triton.next_power_of_2(dstate)), **common,
+                BLOCK_N=_block_n(dstate), **common,
             )  # fmt: skip
             carry = torch.empty(batch, n_chunks, dim, dstate, **f32)
             _state_passing_kernel[(batch, triton.cdiv(dim * dstate, _PASS_BLOCK))](
@@ -545,8 +686,12 @@ def _selective_scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, states, delta
             dbias if delta_bias is not None else dA,
             seqlen, dim, dstate, n_chunks,
             *dout.stride(), *u.stride(), *delta.stride(), *_strides3(z), *A.stride(), *B.stride(), *C.stride(),
-            HAS_D=D is not None, HAS_CARRY=n_chunks > 1, **common,
+            HAS_D=D is not None, HAS_CARRY=n_chunks > 1, DETERMINISTIC=config.deterministic, **common,
         )  # fmt: skip
+    if config.deterministic:
+        dA, dB, dC = dA.sum((0, 1)), dB.sum(0), dC.sum(0)
+        dD = dD.sum((0, 1)) if D is not None else dD
+        dbias = dbias.sum((0, 1)) if delta_bias is not None else dbias
     return (
         du,
         ddelta,
@@ -559,8 +704,50 @@ def _selective_scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, states, delta
     )
 
 
+_FWD_SCHEMA = (
+    "(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, "
+    "bool delta_softplus, int[] config, bool store_states) -> (Tensor, Tensor, Tensor)"
+)
+_BWD_SCHEMA = (
+    "(Tensor dout, Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, "
+    "Tensor states, bool delta_softplus, int[] config) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+
+
+@torch.library.custom_op("zigma::selective_scan_fwd", mutates_args=(), schema=_FWD_SCHEMA)
+def _selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, config, store_states):
+    """:func:`launch_forward` as an op; ``config`` is ``TritonScanConfig.to_ints()``."""
+    _check_device(u)
+    cfg = TritonScanConfig.from_ints(config)
+    return launch_forward(
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, cfg, store_states=store_states, sm_count=_sm_count(u.device)
+    )
+
+
+@_selective_scan_fwd.register_fake
+def _selective_scan_fwd_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, config, store_states):
+    batch, seqlen, dim = u.shape
+    dstate = A.shape[1]
+    chunk = TritonScanConfig.from_ints(config).chunk_size
+    n_chunks = (seqlen + chunk - 1) // chunk if store_states else 0
+    return (
+        u.new_empty(batch, seqlen, dim),
+        u.new_empty(batch, dim, dstate, dtype=torch.float32),
+        u.new_empty(batch, n_chunks, dim, dstate, dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("zigma::selective_scan_bwd", mutates_args=(), schema=_BWD_SCHEMA)
+def _selective_scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, states, delta_softplus, config):
+    """:func:`launch_backward` as an op; ``config`` is ``TritonScanConfig.to_ints()``."""
+    _check_device(u)
+    cfg = TritonScanConfig.from_ints(config)
+    return launch_backward(dout, u, delta, A, B, C, D, z, delta_bias, states, delta_softplus, cfg)
+
+
 @_selective_scan_bwd.register_fake
-def _selective_scan_bwd_fake(dout, u, delta, A, B, C, D, z, delta_bias, states, delta_softplus, chunk_size):
+def _selective_scan_bwd_fake(dout, u, delta, A, B, C, D, z, delta_bias, states, delta_softplus, config):
     batch, seqlen, dim = u.shape
     dstate = A.shape[1]
     return (
@@ -576,18 +763,18 @@ def _selective_scan_bwd_fake(dout, u, delta, A, B, C, D, z, delta_bias, states, 
 
 
 def _setup_context(ctx, inputs, output):
-    u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_size, _ = inputs
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, config, _ = inputs
     _, last_state, states = output
     ctx.mark_non_differentiable(last_state, states)
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
     ctx.delta_softplus = delta_softplus
-    ctx.chunk_size = chunk_size
+    ctx.config = config
 
 
 def _backward(ctx, dout, _d_last_state, _d_states):
     u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
     du, ddelta, dA, dB, dC, dD, dz, dbias = _selective_scan_bwd(
-        dout, u, delta, A, B, C, D, z, delta_bias, states, ctx.delta_softplus, ctx.chunk_size
+        dout, u, delta, A, B, C, D, z, delta_bias, states, ctx.delta_softplus, ctx.config
     )
     return (
         du,
@@ -625,8 +812,9 @@ def selective_scan_triton(
     delta_softplus: bool = False,
     return_last_state: bool = False,
     *,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    l_split: int = 0,
+    config: TritonScanConfig | None = None,
+    chunk_size: int | None = None,
+    l_split: int | None = None,
 ):
     """Fused Triton selective scan with mamba_ssm's contract (see :mod:`zigma.ops.reference` and the module docstring).
 
@@ -635,8 +823,12 @@ def selective_scan_triton(
         A: (D, N) real, fp32.   B, C: (B, N, L) or (B, 1, N, L).   D, delta_bias: (D,) fp32.   z: (B, D, L) gate.
         delta_softplus: apply softplus to ``delta + delta_bias``.
         return_last_state: also return h_{L-1}.
-        chunk_size: steps between saved states (power of two); also the backward tile height.
-        l_split: forward programs along L (0: automatic, > 1 only when the batch does not fill the GPU).
+        config: tiling, warps, splits and the deterministic switch (:class:`TritonScanConfig`; default
+            ``TritonScanConfig()``).
+        chunk_size, l_split: shorthands overriding ``config.chunk_size`` / ``config.l_split``.
+
+    Chunk-start states for the backward are written only when a gradient can flow (grad mode on and an input
+    requiring grad); under ``torch.no_grad()`` (sampling) they are neither allocated nor written.
 
     Returns:
         out (B, D, L) in u's dtype (a view of a channel-last buffer), and with ``return_last_state`` also
@@ -655,13 +847,20 @@ def selective_scan_triton(
     if A.dim() != 2 or A.shape[0] != dim or A.is_complex():
         raise ValueError(f"selective_scan_triton: A must be real (D, N) = ({dim}, N), got {tuple(A.shape)} {A.dtype}")
     dstate = A.shape[1]
-    if chunk_size < 1 or chunk_size & (chunk_size - 1):
-        raise ValueError(f"selective_scan_triton: chunk_size={chunk_size} must be a power of two")
+    config = config if config is not None else DEFAULT_CONFIG
+    if not isinstance(config, TritonScanConfig):
+        raise ValueError(f"selective_scan_triton: config must be a TritonScanConfig, got {type(config).__name__}")
+    overrides = {k: v for k, v in (("chunk_size", chunk_size), ("l_split", l_split)) if v is not None}
+    if overrides:
+        config = dataclasses.replace(config, **overrides)  # validated by TritonScanConfig.__post_init__
     bc = []
     for name, x in (("B", B), ("C", C)):
         if x.dim() == 4:
             if x.shape[1] != 1:
-                raise ValueError(f"selective_scan_triton: grouped {name} with {x.shape[1]} groups is not supported")
+                raise ValueError(
+                    f"selective_scan_triton: grouped {name} with {x.shape[1]} groups is not supported "
+                    "(only (B, N, L) or (B, 1, N, L)); use backend='torch' or 'cuda'"
+                )
             x = x.squeeze(1)
         if tuple(x.shape) != (batch, dstate, seqlen):
             raise ValueError(
@@ -679,6 +878,8 @@ def selective_scan_triton(
     for name, x in (("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z), ("delta_bias", delta_bias)):
         if x is not None and x.device != u.device:
             raise ValueError(f"selective_scan_triton: {name} is on {x.device} but u is on {u.device}")
+    tensors = (u, delta, A, B, C, D, z, delta_bias)
+    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
     out, last_state, _ = _selective_scan_fwd(
         _channel_last(u),
         _channel_last(delta),
@@ -689,8 +890,8 @@ def selective_scan_triton(
         _channel_last(z) if z is not None else None,
         delta_bias,
         bool(delta_softplus),
-        chunk_size,
-        l_split,
+        config.to_ints(),
+        needs_grad,
     )
     out = out.transpose(1, 2)  # (B, D, L) view of the (B, L, D) buffer
     return (out, last_state) if return_last_state else out
