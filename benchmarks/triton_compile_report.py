@@ -12,7 +12,7 @@ the SASS (``cuobjdump -sass``).
     python benchmarks/triton_compile_report.py --sweep          # also the backward tiling sweep (slow)
     python benchmarks/triton_compile_report.py --json out.json  # rows as JSON too
 
-Must run with ``TRITON_INTERPRET`` unset (the kernels must be real ``JITFunction``s); ``tests/zigma/ops/
+Must run with ``TRITON_INTERPRET`` unset (the kernels must be real ``JITFunction``s); ``tests/zigma/
 test_triton_compile.py`` runs it in a subprocess. Works on Triton 3.6 and 3.8 (``knobs.runtime.jit_cache_hook``).
 """
 
@@ -175,9 +175,7 @@ def record_model_launches(cc: int, sm_count: int, dtype, config, shapes=SHAPES) 
             _, _, states = triton_scan.launch_forward(
                 u, delta, A, B, C, D, z, bias, True, config, store_states=True, sm_count=sm_count
             )
-            triton_scan.launch_backward(
-                torch.empty_like(u), u, delta, A, B, C, D, z, bias, states, True, config
-            )
+            triton_scan.launch_backward(torch.empty_like(u), u, delta, A, B, C, D, z, bias, states, True, config)
         rows += [(shape_name, launch) for launch in launches]
     return rows
 
@@ -221,9 +219,13 @@ def programs_per_sm(regs: int, warps: int, shared: int, cc: int) -> int:
     return max(0, min(by_regs, by_warps, by_shared, 32))
 
 
-def report(dtypes, targets, config, cuobjdump: str, shapes=SHAPES) -> list[dict]:
-    """Compile every distinct kernel specialisation the model shapes launch; one row per (target, dtype, kernel)."""
-    rows, seen = [], set()
+def report(dtypes, targets, config, cuobjdump: str, shapes=SHAPES, seen=None, only=None) -> list[dict]:
+    """Compile every distinct kernel specialisation the model shapes launch; one row per (target, dtype, kernel).
+
+    ``seen`` (a set of launch keys) skips launches an earlier call already compiled; ``only`` names the one kernel
+    to compile.
+    """
+    rows, seen = [], set() if seen is None else seen
     for target_name in targets:
         cc, sm_count = TARGETS[target_name]
         for dtype in dtypes:
@@ -231,7 +233,7 @@ def report(dtypes, targets, config, cuobjdump: str, shapes=SHAPES) -> list[dict]
                 key = (target_name, str(dtype), launch.kernel, repr(sorted(launch.signature.items())),
                        repr(sorted(launch.constants.items(), key=repr)), repr(sorted(launch.attrs.items(), key=repr)),
                        launch.num_warps)  # fmt: skip
-                if key in seen:
+                if key in seen or (only is not None and launch.kernel != only):
                     continue
                 seen.add(key)
                 kernel = compile_launch(launch, cc)
@@ -257,7 +259,7 @@ def report(dtypes, targets, config, cuobjdump: str, shapes=SHAPES) -> list[dict]
     return rows
 
 
-def sweep_backward(targets, dtype, cuobjdump: str, chunks=(32, 64), blocks=(8, 16, 32), warps=(2, 4, 8)) -> list[dict]:
+def sweep_backward(targets, dtype, cuobjdump: str, chunks=(32, 64), blocks=(8, 16, 32), warps=(4, 8)) -> list[dict]:
     """``_bwd_kernel`` at B=32, L=1024 for every (chunk_size, bwd_block_d, bwd_warps): the backward tiling sweep."""
     from zigma.ops.triton_scan import TritonScanConfig
 
@@ -266,11 +268,8 @@ def sweep_backward(targets, dtype, cuobjdump: str, chunks=(32, 64), blocks=(8, 1
         for block in blocks:
             for warp in warps:
                 config = TritonScanConfig(chunk_size=chunk, bwd_block_d=block, bwd_warps=warp)
-                rows += [
-                    r
-                    for r in report([dtype], targets, config, cuobjdump, shapes={"B32_L1024": SHAPES["B32_L1024"]})
-                    if r["kernel"] == "_bwd_kernel"
-                ]
+                shapes = {"B32_L1024": SHAPES["B32_L1024"]}
+                rows += report([dtype], targets, config, cuobjdump, shapes=shapes, only="_bwd_kernel")
     return rows
 
 
@@ -296,7 +295,9 @@ def format_table(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
-    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=["bfloat16", "float32", "float16"])
+    parser.add_argument(
+        "--dtypes", nargs="+", default=["bfloat16", "float32"], choices=["bfloat16", "float32", "float16"]
+    )
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     parser.add_argument("--sweep", action="store_true", help="also compile a sweep of backward tilings (slow)")
     args = parser.parse_args(argv)
@@ -312,7 +313,10 @@ def main(argv=None) -> int:
     from zigma.ops.triton_scan import TritonScanConfig
 
     dtypes = [getattr(torch, d) for d in args.dtypes]
-    rows = report(dtypes, args.targets, TritonScanConfig(), tools[0])
+    seen = set()
+    rows = report(dtypes, args.targets, TritonScanConfig(), tools[0], seen=seen)
+    # the deterministic backward (partial sums instead of atomics), in the first dtype
+    rows += report(dtypes[:1], args.targets, TritonScanConfig(deterministic=True), tools[0], seen=seen)
     print(format_table(rows))
     if args.sweep:
         print("\nBackward tiling sweep (_bwd_kernel, B=32, L=1024):")

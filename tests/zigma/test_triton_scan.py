@@ -17,8 +17,8 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton", reason="the triton scan backend needs the triton package (requirements-gpu.txt)")
 
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
+import triton
+import triton.language as tl
 
 from zigma.ops import triton_scan
 from zigma.ops.reference import selective_scan_ref

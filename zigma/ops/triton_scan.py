@@ -87,7 +87,8 @@ class TritonScanConfig:
         bwd_warps: warps per backward program.
         l_split: forward programs along L; 0 picks it from occupancy (see ``fwd_programs_per_sm``).
         fwd_programs_per_sm: resident forward programs per SM to aim for when ``l_split`` is 0: the register file
-            allows 12 at 40 registers × 4 warps (compile report), so 12 fills an SM without oversubscribing it.
+            holds 8 of the forward kernel at 56-64 registers × 4 warps (compile report), so 8 fills an SM without
+            queueing programs behind each other.
         deterministic: reduce dA, dD, d delta_bias, dB and dC through per-program partial sums and a ``sum``
             (bit-identical run to run, extra memory ≈ 2·(D/bwd_block_d)·B·L·N·4 bytes) instead of fp32 atomics.
             Provisional default False (atomics), to be settled by ``benchmarks/triton_triage.py``'s timing.
@@ -99,7 +100,7 @@ class TritonScanConfig:
     bwd_block_d: int = 16
     bwd_warps: int = 8
     l_split: int = 0
-    fwd_programs_per_sm: int = 12
+    fwd_programs_per_sm: int = 8
     deterministic: bool = False
 
     def __post_init__(self):
@@ -308,7 +309,7 @@ def _fwd_kernel(
         z_next = z_t
         if HAS_Z:
             z_next = tl.load(z_row + (t + 1) * s_zl, mask=mask_d & more, other=0.0).to(tl.float32)
-        if STORE_STATES:
+        if STORE_STATES:  # noqa: SIM102 - a compile-time branch around a run-time one
             if t % T == 0:  # H_c = h_{cT-1}, the state entering chunk c
                 tl.store(states_ptr + (pid_b * n_chunks + t // T) * dim * dstate + offs_dn, h, mask=mask_dn)
         h = tl.exp2(dt_t[:, None] * a2) * h + (dt_t * u_t)[:, None] * b_t[None, :]
@@ -370,13 +371,14 @@ def _bwd_local_kernel(
     log_decay = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
     t_begin = (pid_k + 1) * T
     t_end = tl.minimum(t_begin + T, seqlen)
-    dy, dt_t, c_t = _load_dy_dt_c(g_row, z_row, dt_row, c_row, t_end - 1, s_gl, s_zl, s_tl, s_cl, mask_d, mask_n,
-                                  bias, HAS_Z, HAS_BIAS, SOFTPLUS)  # fmt: skip
+    rows = (g_row, z_row, dt_row, c_row)
+    steps = (s_gl, s_zl, s_tl, s_cl)
+    dy, dt_t, c_t = _load_dy_dt_c(*rows, t_end - 1, *steps, mask_d, mask_n, bias, HAS_Z, HAS_BIAS, SOFTPLUS)
     for i in range(0, t_end - t_begin):
         t = t_end - 1 - i
         more = t > t_begin  # prefetch step t-1
-        dy_prev, dt_prev, c_prev = _load_dy_dt_c(g_row, z_row, dt_row, c_row, t - 1, s_gl, s_zl, s_tl, s_cl,
-                                                 mask_d & more, mask_n & more, bias, HAS_Z, HAS_BIAS, SOFTPLUS)  # fmt: skip
+        m_d, m_n = mask_d & more, mask_n & more
+        dy_prev, dt_prev, c_prev = _load_dy_dt_c(*rows, t - 1, *steps, m_d, m_n, bias, HAS_Z, HAS_BIAS, SOFTPLUS)
         da = dt_t[:, None] * a2
         dh = tl.exp2(da_next) * dh + dy[:, None] * c_t[None, :]
         da_next = da
@@ -719,10 +721,9 @@ _BWD_SCHEMA = (
 def _selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, config, store_states):
     """:func:`launch_forward` as an op; ``config`` is ``TritonScanConfig.to_ints()``."""
     _check_device(u)
-    cfg = TritonScanConfig.from_ints(config)
-    return launch_forward(
-        u, delta, A, B, C, D, z, delta_bias, delta_softplus, cfg, store_states=store_states, sm_count=_sm_count(u.device)
-    )
+    cfg, sm_count = TritonScanConfig.from_ints(config), _sm_count(u.device)
+    args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, cfg)
+    return launch_forward(*args, store_states=store_states, sm_count=sm_count)
 
 
 @_selective_scan_fwd.register_fake
