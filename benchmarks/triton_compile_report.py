@@ -5,8 +5,9 @@ Nothing is launched and no driver is needed. The real Python launch code of :mod
 cache hook records each launch's exact specialisation (the launcher's "equal to 1" / "divisible by 16" rules applied to
 the real integer arguments, constexprs, warps) and skips the launch. Each recorded launch is then compiled with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``, and ``cuobjdump -res-usage`` (shipped in the
-Triton wheel) reads registers, stack and shared memory from the cubin; spill stores are the ``STL`` instructions of
-the SASS (``cuobjdump -sass``).
+Triton wheel) reads registers, stack and shared memory from the cubin; spill stores/loads are the ``STL``/``LDL``
+instructions of the SASS (``cuobjdump -sass``); ``bar.sync`` counts the barriers in the PTX; progs/SM is the resident
+programs per SM that registers, warps and shared memory allow.
 
     python benchmarks/triton_compile_report.py                  # default configs, sm_80 + sm_90, bf16 + fp32
     python benchmarks/triton_compile_report.py --sweep          # also the backward tiling sweep (slow)
@@ -238,6 +239,7 @@ def report(dtypes, targets, config, cuobjdump: str, shapes=SHAPES, seen=None, on
                 seen.add(key)
                 kernel = compile_launch(launch, cc)
                 usage = resource_usage(kernel.asm["cubin"], cuobjdump)
+                usage["barriers"] = len(re.findall(r"\b(?:bar|barrier)\.sync", kernel.asm["ptx"]))
                 shared = int(getattr(kernel.metadata, "shared", 0)) + usage["static_shared"]
                 tiles = {
                     name: launch.constants.get(_const_key(launch, name))
@@ -282,12 +284,16 @@ def _const_key(launch: Launch, name: str):
 
 
 def format_table(rows: list[dict]) -> str:
-    head = "| target | dtype | shape | kernel | tiles | warps | regs | spill st/ld | stack | shared B | progs/SM |"
+    head = (
+        "| target | dtype | shape | kernel | tiles | warps | regs | spill st/ld | stack | shared B | bar.sync "
+        "| progs/SM |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append(
             f"| {r['target']} | {r['dtype']} | {r['shape']} | {r['kernel']} | {r['tiles']} | {r['warps']} | "
-            f"{r['regs']} | {r['spill_st']}/{r['spill_ld']} | {r['stack']} | {r['shared']} | {r['programs_per_sm']} |"
+            f"{r['regs']} | {r['spill_st']}/{r['spill_ld']} | {r['stack']} | {r['shared']} | {r.get('barriers', '')} | "
+            f"{r['programs_per_sm']} |"
         )
     return "\n".join(lines)
 

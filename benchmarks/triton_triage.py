@@ -45,10 +45,10 @@ SWEEP = [  # (name, TritonScanConfig overrides); "default" first
     ("bwd_c32_d16_w4", dict(bwd_block_d=16, bwd_warps=4)),
     ("bwd_c32_d32_w8", dict(bwd_block_d=32, bwd_warps=8)),
     ("bwd_c32_d8_w4", dict(bwd_block_d=8, bwd_warps=4)),
-    ("fwd_d16_w2", dict(fwd_block_d=16, fwd_warps=2)),
-    ("fwd_d64_w4", dict(fwd_block_d=64, fwd_warps=4)),
-    ("fwd_d32_w8", dict(fwd_block_d=32, fwd_warps=8)),
-    ("fwd_pps4", dict(fwd_programs_per_sm=4)),
+    ("fwd_d32_w4", dict(fwd_block_d=32, fwd_warps=4, fwd_programs_per_sm=8)),  # the previous forward tiling
+    ("fwd_d8_w1", dict(fwd_block_d=8, fwd_warps=1)),
+    ("fwd_d16_w2", dict(fwd_block_d=16, fwd_warps=2, fwd_programs_per_sm=12)),
+    ("fwd_pps8", dict(fwd_programs_per_sm=8)),
     ("deterministic", dict(deterministic=True)),
 ]
 

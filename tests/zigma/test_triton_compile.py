@@ -63,3 +63,9 @@ def test_no_spills_and_backward_within_128_registers(rows):
     assert not spilling, report.format_table(spilling)
     heavy = [r for r in rows if r["regs"] > 128]
     assert not heavy, report.format_table(heavy)
+
+
+def test_forward_loop_has_no_barrier(rows):
+    """The default one-warp forward reduces each step's output by shuffles: no shared-memory round trip per step."""
+    forward = [r for r in rows if r["kernel"] in ("_fwd_kernel", "_fwd_local_kernel")]
+    assert forward and all(r["barriers"] == 0 for r in forward), report.format_table(forward)

@@ -6,6 +6,7 @@ Same contract as :mod:`zigma.ops.reference` (mamba_ssm's ``selective_scan_fn``):
     D, delta_bias : (D,) fp32          out : (B, D, L) in u's dtype; last_state : (B, D, N) fp32, no gradient
 
     Δ'_t  = softplus(Δ_t + delta_bias)  if delta_softplus  else  Δ_t + delta_bias      (softplus threshold 20, as torch)
+    softplus(x) = x if x > 20 else log1p(exp(x))          (log1p by Kahan's trick: within 1e-6 relative of F.softplus)
     h_t   = exp(Δ'_t ⊗ A) ⊙ h_{t-1} + (Δ'_t ⊙ u_t) ⊗ B_t,    h_{-1} = 0                (Mamba paper, Eq. 2a + ZOH/Euler)
     y_t   = Σ_n C_t[n] h_t[:, n] + D ⊙ u_t
     out_t = y_t ⊙ silu(z_t)  if z is given  else  y_t
@@ -17,16 +18,22 @@ channel-last buffer. All arithmetic is fp32 (bf16/fp16/fp32 inputs); the state `
 register tile.
 
 L is cut into chunks of ``T = chunk_size`` steps (a power of two). Chunk-start states ``H_c = h_{cT-1}``
-``(B, n_chunks, D, N)`` fp32 are the only activations kept for backward (never every h_t).
+``(B, n_chunks, D, N)`` fp32 are the only activations kept for backward (never every h_t), and they are written only
+when a gradient can flow (grad mode on and an input requiring grad): sampling under ``no_grad`` neither allocates nor
+writes them. Tiles, warps, the chunk length, splits and the reduction mode are a :class:`TritonScanConfig`.
 
 Forward, three kernels (the first two only when the L range is split over ``S > 1`` programs, i.e. small batch):
+
+S comes from occupancy: enough programs for ``fwd_programs_per_sm`` per SM (or ``config.l_split``). Both sequential
+kernels load step t+1's inputs before step t's math (software prefetch), so the L loop does not wait on memory.
 
 1. ``_fwd_local_kernel``, grid (B, D/BLOCK_D, S-1): scan split s from zero state; store its end state hl_s and its
    decay P_s = Π_t exp(Δ'_t A) = exp2(Σ_t Δ'_t A log2 e).
 2. ``_state_passing_kernel``: split-start states sequentially, hs_0 = 0, hs_{s+1} = P_s ⊙ hs_s + hl_s (exact, since
    the recurrence is affine in h).
 3. ``_fwd_kernel``, grid (B, D/BLOCK_D, S): sequential loop over the split's time steps from hs_s, storing the gated
-   output, every chunk-start state H_c and, in the last split, h_{L-1}.
+   output, the chunk-start states H_c (when a gradient is needed) and, in the last split, h_{L-1}. With the default
+   one warp per program the per-step output sum over N is a warp reduction: no shared memory or barrier per step.
 
 Backward, per chunk c = [s_c, e_c) (again three kernels; the first two only when n_chunks > 1):
 
@@ -37,23 +44,29 @@ Backward, per chunk c = [s_c, e_c) (again three kernels; the first two only when
     dΔ'_t = Σ_n g_t[:, n] A[:, n] + u_t ⊙ Σ_n dh_t[:, n] B_t[n]    du_t = dy_t ⊙ D + Δ'_t ⊙ Σ_n dh_t[:, n] B_t[n]
     dΔ_t  = dΔ'_t ⊙ σ(Δ_t + delta_bias) if delta_softplus       dD = Σ dy ⊙ u       d delta_bias = Σ dΔ
 
-1. ``_bwd_local_kernel``, grid (B, D/BLOCK_D, n_chunks-1): for chunks 1.., run the adjoint recurrence from zero and
-   store the local carry lc_c = exp(Δ'_{s_c} A) ⊙ dhl_{s_c} and the chunk decay P_c.
+1. ``_bwd_local_kernel``, grid (B, D/BLOCK_D, n_chunks-1): for chunks 1.., run the adjoint recurrence from zero
+   (prefetching step t-1) and store the local carry lc_c = exp(Δ'_{s_c} A) ⊙ dhl_{s_c} and the chunk decay P_c.
 2. ``_state_passing_kernel`` (reversed): carry into chunk c from the chunks after it, K_{n-1} = 0,
    K_{c-1} = lc_c + P_c ⊙ K_c, so that dh_t = dhl_t + (Π_{s=t+1}^{e_c-1} exp(Δ'_s A)) ⊙ K_c.
 3. ``_bwd_kernel``, grid (B, D/BLOCK_D, n_chunks): loads the chunk as [T, BLOCK_D] tiles and, per state n (as the
    CUDA kernel does), recomputes h over the chunk from H_c with a forward ``tl.associative_scan`` of the affine maps
    (a, b) ∘ (a', b') = (a a', a' b + b'), runs the adjoint recurrence with a reversed scan plus the carry K_c, and
-   accumulates the gradients. dB/dC are reduced over the program's BLOCK_D channels, then ``tl.atomic_add``-ed into
-   fp32 (B, L, N) buffers; dA, dD and d delta_bias likewise into fp32 buffers (so they are not bit-deterministic).
+   accumulates the gradients. dB/dC are reduced over the program's BLOCK_D channels, dA/dD/d delta_bias over its T
+   steps. Then either (default, ``deterministic=False``) ``tl.atomic_add``-ed into fp32 (B, L, N), (D, N) and (D,)
+   buffers, not bit-deterministic; or (``deterministic=True``) stored as per-program partials, (D/BLOCK_D, B, L, N)
+   for dB/dC, (B, n_chunks, D, N) for dA and (B, n_chunks, D) for dD/d delta_bias, and summed by ``torch.sum``:
+   bit-identical run to run at the cost of those buffers. The default is provisional until
+   ``benchmarks/triton_triage.py`` times both on a GPU.
 
 The op is registered as ``torch.ops.zigma.selective_scan_fwd`` / ``selective_scan_bwd`` (``torch.library.custom_op``
 with fake and autograd registrations), so ``torch.compile`` traces a model calling it without graph breaks.
 
 Kernels run on CUDA tensors, or on CPU tensors through Triton's interpreter when ``TRITON_INTERPRET=1`` was set before
-this module was imported (how the CPU tests, ``tests/zigma/test_triton_scan.py``, run them). The compiled-GPU check at
-full shapes is ``benchmarks/check_scan_gpu.py``; timings are ``benchmarks/scan_gpu.py``. Block sizes, warps and the
-chunk length below are first guesses, not tuned on a GPU.
+this module was imported (how the CPU tests, ``tests/zigma/test_triton_scan.py``, run them). Registers, spills and
+barriers of every kernel for sm_80/sm_90 come from ``benchmarks/triton_compile_report.py`` (checked in CI by
+``tests/zigma/test_triton_compile.py``, no GPU needed). The compiled-GPU check at full shapes is
+``benchmarks/check_scan_gpu.py``; timings are ``benchmarks/scan_gpu.py`` and ``benchmarks/triton_triage.py``. The
+default config is chosen from compile reports (no spills, backward ≤ 128 registers), not yet from GPU timings.
 """
 
 import contextlib
@@ -82,25 +95,27 @@ class TritonScanConfig:
         chunk_size: T, steps between saved chunk-start states (power of two); also the backward tile height. Saved
             states cost B·(L/T)·D·N·4 bytes (= 2·B·L·D bytes at T = 32, N = 16).
         fwd_block_d: channels per forward program (power of two); its [fwd_block_d, N] state tile lives in registers.
-        fwd_warps: warps per forward program.
+        fwd_warps: warps per forward program. With one warp, the per-step output (a reduction over N) reaches the
+            storing lanes by warp shuffles: no shared-memory round trip and no barrier in the L loop (the compile
+            report counts ``bar.sync``; 16 channels × 4 warps-worth of threads would need two barriers per step).
         bwd_block_d: channels per backward program (power of two); the backward holds [T, bwd_block_d] fp32 tiles.
         bwd_warps: warps per backward program.
         l_split: forward programs along L; 0 picks it from occupancy (see ``fwd_programs_per_sm``).
-        fwd_programs_per_sm: resident forward programs per SM to aim for when ``l_split`` is 0: the register file
-            holds 8 of the forward kernel at 56-64 registers × 4 warps (compile report), so 8 fills an SM without
-            queueing programs behind each other.
+        fwd_programs_per_sm: resident forward programs per SM to aim for when ``l_split`` is 0. The compile report
+            gives the one-warp forward kernel 72-80 registers, so the register file holds ~25 of them per SM; 24
+            fills an SM without queueing programs behind each other.
         deterministic: reduce dA, dD, d delta_bias, dB and dC through per-program partial sums and a ``sum``
             (bit-identical run to run, extra memory ≈ 2·(D/bwd_block_d)·B·L·N·4 bytes) instead of fp32 atomics.
             Provisional default False (atomics), to be settled by ``benchmarks/triton_triage.py``'s timing.
     """
 
     chunk_size: int = 32
-    fwd_block_d: int = 32
-    fwd_warps: int = 4
+    fwd_block_d: int = 16
+    fwd_warps: int = 1
     bwd_block_d: int = 16
     bwd_warps: int = 8
     l_split: int = 0
-    fwd_programs_per_sm: int = 8
+    fwd_programs_per_sm: int = 24
     deterministic: bool = False
 
     def __post_init__(self):
