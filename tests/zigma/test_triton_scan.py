@@ -273,10 +273,10 @@ def test_triton_scan_config_is_validated_and_overridable():
 
 
 def test_num_splits_fill_the_gpu_from_occupancy():
-    cfg = triton_scan.TritonScanConfig()  # fwd_block_d 32, fwd_programs_per_sm as documented
-    per_sm = cfg.fwd_programs_per_sm
-    assert triton_scan._num_splits(32, 1536, 32, 132, cfg) == 1  # 1536 programs already fill 132 SMs
-    assert triton_scan._num_splits(4, 1536, 128, 132, cfg) == per_sm * 132 // (4 * 48)
+    cfg = triton_scan.TritonScanConfig(fwd_block_d=16, fwd_programs_per_sm=24)  # the documented defaults
+    assert cfg == dataclasses.replace(triton_scan.TritonScanConfig(), chunk_size=cfg.chunk_size)
+    assert triton_scan._num_splits(32, 1536, 32, 132, cfg) == 1  # 3072 programs already fill 132 SMs x 24
+    assert triton_scan._num_splits(4, 1536, 128, 132, cfg) == 8  # 384 programs: 24 x 132 // 384 = 8 splits
     assert triton_scan._num_splits(1, 64, 3, 132, cfg) == 3  # at most one split per chunk
     assert triton_scan._num_splits(4, 1536, 128, 132, dataclasses.replace(cfg, l_split=5)) == 5
 
