@@ -177,8 +177,6 @@ def part_probe(env: Env) -> list[dict]:
 
 
 def part_sweep(env: Env, budget_s: float) -> list[dict]:
-    import dataclasses
-
     from zigma.ops import triton_scan
     from zigma.ops.torch_scan import selective_scan_torch
 
@@ -190,29 +188,43 @@ def part_sweep(env: Env, budget_s: float) -> list[dict]:
 
     started = time.perf_counter()
     sweep = SWEEP[:2] if env.smoke else SWEEP
-    for shape_name, (batch, seqlen) in env.shapes.items():
-        inputs = model_inputs(env, batch, seqlen)
-        baseline = None
-        for name, overrides in sweep:
+    inputs = {name: model_inputs(env, batch, seqlen) for name, (batch, seqlen) in env.shapes.items()}
+    baselines = {}
+    for name, overrides in sweep:  # every shape per config, so a spent budget cuts configs, not shapes
+        for shape_name, xs in inputs.items():
             if time.perf_counter() - started > budget_s:
                 rows.append(dict(shape=shape_name, config=name, error=f"skipped: sweep budget {budget_s:.0f} s spent"))
                 continue
             try:
-                config = dataclasses.replace(triton_scan.TritonScanConfig(), **overrides)
-
-                def run(config=config, inputs=inputs):
-                    return fwd_bwd(lambda *a: triton_scan.selective_scan_triton(*a, config=config), inputs)
-
-                result = run()
-                baseline = result if baseline is None else baseline
-                ms = env.time_ms(run) if not env.smoke else float("nan")  # the interpreter's time means nothing
-                rows.append(
-                    dict(shape=shape_name, config=name, fwd_bwd_ms=ms, max_rel_diff=max_rel_diff(result, baseline))
-                )
+                rows.append(_sweep_one(env, name, overrides, shape_name, xs, baselines))
             except Exception as exc:
                 rows.append(dict(shape=shape_name, config=name, error=f"{type(exc).__name__}: {exc}"[:300]))
-        del inputs
     return rows
+
+
+def _sweep_one(env: Env, name: str, overrides: dict, shape_name: str, inputs, baselines: dict) -> dict:
+    """fwd+bwd and no-grad forward time of one config at one shape; outputs/grads against the first config's."""
+    import dataclasses
+
+    import torch
+
+    from zigma.ops import triton_scan
+
+    config = dataclasses.replace(triton_scan.TritonScanConfig(), **overrides)
+
+    def train():
+        return fwd_bwd(lambda *a: triton_scan.selective_scan_triton(*a, config=config), inputs)
+
+    def sample():
+        with torch.no_grad():
+            return triton_scan.selective_scan_triton(*inputs, True, config=config)
+
+    result = train()
+    baseline = baselines.setdefault(shape_name, result)
+    row = dict(shape=shape_name, config=name, max_rel_diff=max_rel_diff(result, baseline))
+    if not env.smoke:  # the interpreter's times mean nothing
+        row.update(fwd_bwd_ms=env.time_ms(train), fwd_nograd_ms=env.time_ms(sample))
+    return row
 
 
 # ---- part 3: per-kernel time split, atomic vs deterministic ---------------------------------------------------------
