@@ -78,7 +78,6 @@ import triton.language as tl
 
 __all__ = ["INTERPRET", "TritonScanConfig", "selective_scan_triton"]
 
-_LOG2E = 1.4426950408889634
 _PASS_BLOCK = 512
 
 
@@ -107,7 +106,8 @@ class TritonScanConfig:
             gives the one-warp forward kernel 72-80 registers, so the register file holds ~25 of them per SM; 24
             fills an SM without queueing programs behind each other.
         deterministic: reduce dA, dD, d delta_bias, dB and dC through per-program partial sums and a ``sum``
-            (bit-identical run to run, extra memory ≈ 2·(D/bwd_block_d)·B·L·N·4 bytes) instead of fp32 atomics.
+            (bit-identical run to run; extra memory ≈ 2·(D/bwd_block_d)·B·L·N·4 bytes, 400 MB at B 32, L 1024,
+            D 1536, N 16, during one layer's backward) instead of fp32 atomics.
             Provisional default False (atomics), to be settled by ``benchmarks/triton_triage.py``'s timing.
     """
 
@@ -125,10 +125,10 @@ class TritonScanConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value & (value - 1):
                 raise ValueError(f"TritonScanConfig: {name}={value!r}; must be a power of two >= 1")
-        for name in ("l_split", "fwd_programs_per_sm"):
+        for name, low in (("l_split", 0), ("fwd_programs_per_sm", 1)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"TritonScanConfig: {name}={value!r}; must be an int >= 0")
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"TritonScanConfig: {name}={value!r}; must be an int >= {low}")
         if not isinstance(self.deterministic, bool):
             raise ValueError(f"TritonScanConfig: deterministic={self.deterministic!r}; must be True or False")
 
@@ -145,7 +145,6 @@ class TritonScanConfig:
 
 
 DEFAULT_CONFIG = TritonScanConfig()
-DEFAULT_CHUNK_SIZE = DEFAULT_CONFIG.chunk_size
 
 
 @triton.jit
@@ -574,7 +573,7 @@ def _num_splits(batch: int, dim: int, n_chunks: int, sm_count: int, config: Trit
     if config.l_split > 0:
         return min(config.l_split, n_chunks)
     programs = batch * triton.cdiv(dim, config.fwd_block_d)
-    target = max(1, config.fwd_programs_per_sm) * sm_count
+    target = config.fwd_programs_per_sm * sm_count
     return max(1, min(n_chunks, target // programs))
 
 
