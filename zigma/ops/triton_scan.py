@@ -95,12 +95,13 @@ class TritonScanConfig:
             states cost B·(L/T)·D·N·4 bytes (= 2·B·L·D bytes at T = 32, N = 16).
         fwd_block_d: channels per forward program (power of two); its [fwd_block_d, N] state tile lives in registers.
         fwd_warps: warps per forward program. With one warp, the per-step output (a reduction over N) reaches the
-            storing lanes by warp shuffles: no shared-memory round trip and no barrier in the L loop (the compile
-            report counts ``bar.sync``; 16 channels × 4 warps-worth of threads would need two barriers per step).
+            storing lanes by warp shuffles: no shared-memory round trip and no barrier in the L loop (with 2 or 4
+            warps the compiled loop has two ``bar.sync`` per step; the compile report counts them).
         bwd_block_d: channels per backward program (power of two); the backward holds [T, bwd_block_d] fp32 tiles.
         bwd_warps: warps per backward program. Registers grow with the tile elements per thread,
-            chunk_size · bwd_block_d / (32 · bwd_warps): 2 compiles to 104-111 registers at T 32/64/128 (e.g. 32·16,
-            64·8 or 128·4 with 8 warps), 4 to 140-160, 8 to 235-255 and spills at T 64·32 with 4 warps.
+            chunk_size · bwd_block_d / (32 · bwd_warps) (sm_90, bf16): ≤ 2 compiles to 90-111 registers at T 32, 64
+            and 128 (e.g. 32·16, 64·8 or 128·4 with 8 warps), 4 to 139-143 (but 32·32 with 8 warps spills a little),
+            8 to 235-255, 16 spills.
         l_split: forward programs along L; 0 picks it from occupancy (see ``fwd_programs_per_sm``).
         fwd_programs_per_sm: resident forward programs per SM to aim for when ``l_split`` is 0. The compile report
             gives the one-warp forward kernel 72-80 registers, so the register file holds ~25 of them per SM; 24
