@@ -199,9 +199,10 @@ def test_torch_scan_on_cuda_is_chunk_parallel_and_matches_the_oracle():
         torch.testing.assert_close(g_new.cpu(), g_ref, rtol=RTOL, atol=ATOL)
 
 
-def test_torch_scan_bf16_inputs_keep_dtypes():
+@pytest.mark.parametrize("chunk_parallel", [False, True], ids=["loop", "parallel"])
+def test_torch_scan_bf16_inputs_keep_dtypes(chunk_parallel):
     inputs = make_inputs(dim=8, seqlen=20, dtype=torch.bfloat16)
-    out, last, grads, _ = run(selective_scan_torch, inputs, delta_softplus=True)
+    out, last, grads, _ = run(selective_scan_torch, inputs, chunk_parallel=chunk_parallel, delta_softplus=True)
     assert out.dtype == torch.bfloat16 and last.dtype == torch.float32
     assert [g.dtype for g in grads if g is not None] == [x.dtype for x in inputs if x is not None]
     ref = selective_scan_ref(*inputs, delta_softplus=True)

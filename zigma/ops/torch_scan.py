@@ -111,20 +111,23 @@ def _states(dt, dtu, a_nd, b_ln, h0, chunk_parallel: bool = False):
     return d_a, h
 
 
-def _adjoint_states(dec: torch.Tensor, dh: torch.Tensor, carry: torch.Tensor, chunk_parallel: bool) -> torch.Tensor:
-    """Run the adjoint recurrence ``dh_t = src_t + dA_{t+1} ⊙ dh_{t+1}`` backwards over one block, in place.
+def _adjoint_states(dec, c_blk, dy_blk, carry, chunk_parallel: bool) -> torch.Tensor:
+    """Run the adjoint recurrence ``dh_t = C_t ⊗ dy_t + dA_{t+1} ⊙ dh_{t+1}`` backwards over one block.
 
     Args:
-        dec: (T, B, N, D) dA of the block.   dh: (T, B, N, D) src_t = C_t ⊗ dy_t, overwritten by dh.
+        dec: (T, B, N, D) dA of the block.   c_blk: (T, B, N) C.   dy_blk: (T, B, D) dy.
         carry: (B, N, D) dA_{T} ⊙ dh_{T} from the block after this one (zeros for the last block).
+        chunk_parallel: solve as :func:`_linear_scan` in reversed time instead of a loop over the T steps.
 
     Returns:
         dh (T, B, N, D).
     """
+    if chunk_parallel:  # built reversed (flipping the small C and dy, not a block tensor), multipliers dA_{t+1}
+        dh_rev = c_blk.flip(0)[..., None] * dy_blk.flip(0)[:, :, None, :]
+        dh_rev[0].add_(carry)
+        return _linear_scan(dec[1:].flip(0), dh_rev).flip(0)
+    dh = c_blk[..., None] * dy_blk[:, :, None, :]
     dh[-1].add_(carry)
-    if chunk_parallel:  # the forward scan in reversed time: multipliers dA_{t+1}, reversed
-        dh.copy_(_linear_scan(dec[1:].flip(0), dh.flip(0)).flip(0))
-        return dh
     for t in range(dh.shape[0] - 2, -1, -1):
         dh[t].addcmul_(dec[t + 1], dh[t + 1])
     return dh
@@ -216,7 +219,7 @@ def _scan_backward(dout_t, u, delta, A, B, C, D, z, delta_bias, block_states, y,
         # dC_t[n] = Σ_d h_t[n, d] dy_t[d]
         torch.matmul(h, dy_blk[..., None], out=d_c[l0:l1, :, :, None])
         # adjoint recurrence, in place: dh_t = C_t ⊗ dy_t + dA_{t+1} ⊙ dh_{t+1}
-        dh = _adjoint_states(dec, c_t[l0:l1, :, :, None] * dy_blk[:, :, None, :], carry, chunk_parallel)
+        dh = _adjoint_states(dec, c_t[l0:l1], dy_blk, carry, chunk_parallel)
         carry = dec[0] * dh[0]
         # d(Δ'u)_t = Σ_n dh_t[n] B_t[n];  dB_t[n] = Σ_d dh_t[n, d] (Δ'u)_t[d]
         torch.matmul(b_t[l0:l1, :, None, :], dh, out=d_dtu[l0:l1, :, None, :])
