@@ -188,11 +188,15 @@ def test_chunk_parallel_custom_ops_pass_opcheck():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_torch_scan_on_cuda_is_chunk_parallel_and_matches_the_oracle():
+def test_torch_scan_on_cuda_is_chunk_parallel_and_matches_the_oracle(monkeypatch):
+    blocks = []
+    states = scan_torch._states
+    monkeypatch.setattr(scan_torch, "_states", lambda *args: blocks.append(args[-1]) or states(*args))
     inputs = make_inputs(batch=4, dim=32, seqlen=200, n_state=16, dtype=torch.float32, channel_last=True)
     cuda_inputs = [x.cuda() for x in inputs]
     out_ref, last_ref, grads_ref, g = run(selective_scan_ref, inputs, delta_softplus=True)
     out, last, grads, _ = run(selective_scan_torch, cuda_inputs, grad_out=g.cuda(), delta_softplus=True)
+    assert blocks == [True] * 2 * math.ceil(200 / scan_torch._PARALLEL_CHUNK)  # chunk_parallel, fwd and bwd
     torch.testing.assert_close(out.cpu(), out_ref, rtol=RTOL, atol=ATOL)
     torch.testing.assert_close(last.cpu(), last_ref, rtol=RTOL, atol=ATOL)
     for g_ref, g_new in zip(grads_ref, grads):
