@@ -234,8 +234,8 @@ def _scan_backward(dout_t, u, delta, A, B, C, D, z, delta_bias, block_states, y,
 
     d_dt.addcmul_(d_dtu, u_t)
     du.addcmul_(d_dtu, dt)
-    if delta_softplus:  # F.softplus (threshold 20) is the identity above 20: slope 1 there, not σ(x) = 1 - 2e-9
-        d_dt.mul_(torch.where(dt_raw > 20, 1.0, torch.sigmoid(dt_raw)))
+    if delta_softplus:  # F.softplus's own backward: slope σ(x), but 1 above its threshold 20 (σ(x) there was 2e-9 off)
+        d_dt = torch.ops.aten.softplus_backward(d_dt, dt_raw, 1.0, 20.0)
     return (
         du.to(u.dtype),
         d_dt.to(delta.dtype),
