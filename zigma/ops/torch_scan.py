@@ -42,8 +42,9 @@ from zigma.ops.reference import compute_dtype
 
 # CPU: elements of one (L_blk, B, N, D) block tensor: ~2 MiB in fp32, so the 4-5 live block tensors stay in cache.
 _BLOCK_ELEMENTS = 1 << 19
-# Chunk-parallel path (every device but CPU): steps per block, whatever the batch. Peak memory is a few block
-# tensors of T·B·N·D elements (200 MB each in fp32 at B=32, D=1536, N=16) plus L/T block-start states.
+# Chunk-parallel path (every device but CPU): steps per block, whatever the batch. Besides the O(B·L·D) tensors and
+# the L/T saved block-start states, at most ~5 block tensors of T·B·N·D elements are live (backward: dA, h, the
+# reversed adjoint input and multipliers, scan temporaries), 200 MB each in fp32 at B=32, D=1536, N=16.
 _PARALLEL_CHUNK = 64
 
 
