@@ -16,6 +16,15 @@ Same contract and formulas as :mod:`zigma.ops.reference`. What differs is how th
       g_t   = dh_t ⊙ dA_t ⊙ h_{t-1}           dΔ'_t   += Σ_n g_t[n] A[n]          dA    = Σ_{t,b} g_t ⊙ Δ'_t
 
   so peak memory is O(B·L·D + B·L_blk·D·N) instead of O(B·L·D·N).
+* **Two ways to run a block, chosen by device.** On CPU the recurrence inside a block is a Python loop of in-place
+  ``addcmul_`` over cache-resident ``(B, N, D)`` slabs, with blocks sized by ``_BLOCK_ELEMENTS`` (fastest there:
+  ``benchmarks/scan_cpu.py``). Elsewhere (CUDA) that sizing would shrink blocks to one step at training batch sizes
+  (B=32, D=1536, N=16 is already 0.8 M elements per step), i.e. ~10 kernel launches per time step. There blocks
+  are ``_PARALLEL_CHUNK`` steps long whatever the batch, and both recurrences inside a block are solved by
+  :func:`_linear_scan`, an odd-even (cyclic) reduction with ⌈log2 T⌉ levels of whole-tensor ops: the Python loop
+  runs ceil(L / T) times per pass, independent of B, D and N. It multiplies only decays exp(Δ'A) ≤ 1 (never
+  divides by a cumulative product, so extreme Δ or very negative A cannot overflow) and is exact up to rounding
+  order. ``chunk_parallel=True`` forces this path on CPU (tests; CI has no GPU).
 
 Forward and backward are registered as ``torch.ops.zigma.selective_scan_torch_fwd`` / ``selective_scan_torch_bwd``
 (``torch.library.custom_op`` with fake and autograd registrations, like :mod:`zigma.ops.triton_scan`), so
@@ -31,13 +40,25 @@ import torch.nn.functional as F
 
 from zigma.ops.reference import compute_dtype
 
-# Elements of one (L_blk, B, N, D) block tensor: ~2 MiB in fp32, so the 4-5 live block tensors stay in cache.
+# CPU: elements of one (L_blk, B, N, D) block tensor: ~2 MiB in fp32, so the 4-5 live block tensors stay in cache.
 _BLOCK_ELEMENTS = 1 << 19
+# Chunk-parallel path (every device but CPU): steps per block, whatever the batch. Besides the O(B·L·D) tensors and
+# the L/T saved block-start states, at most ~5 block tensors of T·B·N·D elements are live (backward: dA, h, the
+# reversed adjoint input and multipliers, scan temporaries), 200 MB each in fp32 at B=32, D=1536, N=16.
+_PARALLEL_CHUNK = 64
 
 
-def _block_length(batch: int, n_state: int, dim: int, seqlen: int) -> int:
+def _block_length(batch: int, n_state: int, dim: int, seqlen: int, chunk_parallel: bool = False) -> int:
+    """Steps per block: fixed on the chunk-parallel path, else as many as fit ``_BLOCK_ELEMENTS`` (at least 1)."""
+    if chunk_parallel:
+        return max(1, min(seqlen, _PARALLEL_CHUNK))
     per_step = batch * n_state * dim
     return max(1, min(seqlen, _BLOCK_ELEMENTS // per_step))
+
+
+def default_chunk_parallel(device: torch.device) -> bool:
+    """The chunk-parallel block path everywhere but on CPU, where the sequential in-block loop is faster."""
+    return device.type != "cpu"
 
 
 def _time_major(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -45,21 +66,74 @@ def _time_major(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.permute(2, 0, 1).to(dtype).contiguous()
 
 
-def _states(dt: torch.Tensor, dtu: torch.Tensor, a_nd: torch.Tensor, b_ln: torch.Tensor, h0: torch.Tensor):
-    """Run the recurrence over one block.
+def _linear_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Solve ``h_0 = b_0,  h_t = a_{t-1} ⊙ h_{t-1} + b_t`` (t = 1..T-1) along dim 0, in place in ``b``.
+
+    Odd-even reduction: pairing steps (2j, 2j+1) gives the same recurrence over the odd steps alone,
+    ``h_{2j+1} = (a_{2j} a_{2j-1}) h_{2j-1} + (a_{2j} b_{2j} + b_{2j+1})``, solved recursively; then each even step
+    is one update from the odd step before it. ⌈log2 T⌉ levels of whole-tensor ops on halving views along dim 0
+    (contiguous slabs in the time-major layout); temporaries total < T slices of each of a and b.
+
+    Args:
+        a: (T-1, ...) multipliers (a[t-1] carries h_{t-1} into h_t).   b: (T, ...) inputs, overwritten by h.
+
+    Returns:
+        ``b``, now holding h (T, ...).
+    """
+    n_odd = b.shape[0] // 2
+    if n_odd == 0:
+        return b
+    a_even, a_odd = a[0::2], a[1::2]  # a_{2j} (n_odd of them), a_{2j+1}
+    b_pairs = torch.addcmul(b[1::2], a_even, b[0::2][:n_odd])  # a_{2j} b_{2j} + b_{2j+1}
+    h_odd = _linear_scan(a_even[1:] * a_odd[: n_odd - 1], b_pairs)  # h_{2j+1}
+    b[1::2] = h_odd
+    n_next = (b.shape[0] - 1) // 2  # even steps 2j >= 2, each following h_{2j-1}
+    b[2::2].addcmul_(a_odd[:n_next], h_odd[:n_next])
+    return b
+
+
+def _states(dt, dtu, a_nd, b_ln, h0, chunk_parallel: bool = False):
+    """Run the recurrence ``h_t = dA_t ⊙ h_{t-1} + (Δ'u)_t ⊗ B_t`` over one block.
 
     Args:
         dt, dtu: (T, B, D) Δ' and Δ'·u.   a_nd: (N, D) = Aᵀ.   b_ln: (T, B, N).   h0: (B, N, D) state before the block.
+        chunk_parallel: solve with :func:`_linear_scan` (log-depth tensor ops) instead of a loop over the T steps.
 
     Returns:
         dA: (T, B, N, D) = exp(Δ'⊗A);  h: (T, B, N, D) all states of the block.
     """
-    d_a = torch.exp(dt[:, :, None, :] * a_nd)
+    d_a = torch.mul(dt[:, :, None, :], a_nd).exp_()
     h = dtu[:, :, None, :] * b_ln[..., None]
     h[0].addcmul_(d_a[0], h0)
-    for t in range(1, h.shape[0]):
-        h[t].addcmul_(d_a[t], h[t - 1])
+    if chunk_parallel:
+        return d_a, _linear_scan(d_a[1:], h)
+    steps, decays = h.unbind(0), d_a.unbind(0)  # per-step views made once, not by indexing in the loop
+    for t in range(1, len(steps)):
+        steps[t].addcmul_(decays[t], steps[t - 1])
     return d_a, h
+
+
+def _adjoint_states(dec, c_blk, dy_blk, carry, chunk_parallel: bool) -> torch.Tensor:
+    """Run the adjoint recurrence ``dh_t = C_t ⊗ dy_t + dA_{t+1} ⊙ dh_{t+1}`` backwards over one block.
+
+    Args:
+        dec: (T, B, N, D) dA of the block.   c_blk: (T, B, N) C.   dy_blk: (T, B, D) dy.
+        carry: (B, N, D) dA_{T} ⊙ dh_{T} from the block after this one (zeros for the last block).
+        chunk_parallel: solve as :func:`_linear_scan` in reversed time instead of a loop over the T steps.
+
+    Returns:
+        dh (T, B, N, D).
+    """
+    if chunk_parallel:  # built reversed (flipping the small C and dy, not a block tensor), multipliers dA_{t+1}
+        dh_rev = c_blk.flip(0)[..., None] * dy_blk.flip(0)[:, :, None, :]
+        dh_rev[0].add_(carry)
+        return _linear_scan(dec[1:].flip(0), dh_rev).flip(0)
+    dh = c_blk[..., None] * dy_blk[:, :, None, :]
+    dh[-1].add_(carry)
+    steps, decays = dh.unbind(0), dec.unbind(0)
+    for t in range(len(steps) - 2, -1, -1):
+        steps[t].addcmul_(decays[t + 1], steps[t + 1])
+    return dh
 
 
 def _check_supported(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> None:
@@ -67,7 +141,7 @@ def _check_supported(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> None:
         raise ValueError("the torch scan backend supports real A and input-dependent B, C of shape (B, N, L)")
 
 
-def _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, blk):
+def _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, blk, chunk_parallel=False):
     """Forward over blocks of ``blk`` steps; B, C are (B, N, L). Returns the four outputs of the forward op."""
     ct = compute_dtype(u.dtype)
     batch, dim, seqlen = u.shape
@@ -90,7 +164,7 @@ def _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, blk):
     for k, l0 in enumerate(starts):
         l1 = min(l0 + blk, seqlen)
         block_states[k] = h_last
-        _, h = _states(dt[l0:l1], dtu[l0:l1], a_nd, b_t[l0:l1], h_last)
+        _, h = _states(dt[l0:l1], dtu[l0:l1], a_nd, b_t[l0:l1], h_last, chunk_parallel)
         torch.matmul(c_t[l0:l1, :, None, :], h, out=y[l0:l1, :, None, :])
         h_last = h[-1].clone()
     if D is not None:
@@ -102,7 +176,8 @@ def _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, blk):
     return out.to(u.dtype), last_state, block_states, y if z is not None else u_t.new_empty(0)
 
 
-def _scan_backward(dout_t, u, delta, A, B, C, D, z, delta_bias, block_states, y, delta_softplus, blk):
+def _scan_backward(dout_t, u, delta, A, B, C, D, z, delta_bias, block_states, y, delta_softplus, blk,
+                   chunk_parallel=False):  # fmt: skip
     """Gradients from dout_t (L, B, D); B, C are (B, N, L). Returns the eight outputs of the backward op."""
     ct = block_states.dtype
     batch, dim, seqlen = u.shape
@@ -142,15 +217,12 @@ def _scan_backward(dout_t, u, delta, A, B, C, D, z, delta_bias, block_states, y,
         l0 = starts[k]
         l1 = min(l0 + blk, seqlen)
         h0 = block_states[k]
-        dec, h = _states(dt[l0:l1], dtu[l0:l1], a_nd, b_t[l0:l1], h0)
+        dec, h = _states(dt[l0:l1], dtu[l0:l1], a_nd, b_t[l0:l1], h0, chunk_parallel)
         dy_blk = dy[l0:l1]
         # dC_t[n] = Σ_d h_t[n, d] dy_t[d]
         torch.matmul(h, dy_blk[..., None], out=d_c[l0:l1, :, :, None])
         # adjoint recurrence, in place: dh_t = C_t ⊗ dy_t + dA_{t+1} ⊙ dh_{t+1}
-        dh = c_t[l0:l1, :, :, None] * dy_blk[:, :, None, :]
-        dh[-1].add_(carry)
-        for t in range(dh.shape[0] - 2, -1, -1):
-            dh[t].addcmul_(dec[t + 1], dh[t + 1])
+        dh = _adjoint_states(dec, c_t[l0:l1], dy_blk, carry, chunk_parallel)
         carry = dec[0] * dh[0]
         # d(Δ'u)_t = Σ_n dh_t[n] B_t[n];  dB_t[n] = Σ_d dh_t[n, d] (Δ'u)_t[d]
         torch.matmul(b_t[l0:l1, :, None, :], dh, out=d_dtu[l0:l1, :, None, :])
@@ -165,8 +237,8 @@ def _scan_backward(dout_t, u, delta, A, B, C, D, z, delta_bias, block_states, y,
 
     d_dt.addcmul_(d_dtu, u_t)
     du.addcmul_(d_dtu, dt)
-    if delta_softplus:
-        d_dt.mul_(torch.sigmoid(dt_raw))
+    if delta_softplus:  # F.softplus's own backward: slope σ(x), but 1 above its threshold 20 (σ(x) there was 2e-9 off)
+        d_dt = torch.ops.aten.softplus_backward(d_dt, dt_raw, 1.0, 20.0)
     return (
         du.to(u.dtype),
         d_dt.to(delta.dtype),
@@ -187,25 +259,26 @@ def _scan_backward(dout_t, u, delta, A, B, C, D, z, delta_bias, block_states, y,
 # ---------------------------------------------------------------------------------------------------------------
 _FWD_SCHEMA = (
     "(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, "
-    "bool delta_softplus, int block) -> (Tensor, Tensor, Tensor, Tensor)"
+    "bool delta_softplus, int block, bool chunk_parallel=False) -> (Tensor, Tensor, Tensor, Tensor)"
 )
 _BWD_SCHEMA = (
     "(Tensor dout, Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, "
-    "Tensor block_states, Tensor y, bool delta_softplus, int block) "
+    "Tensor block_states, Tensor y, bool delta_softplus, int block, bool chunk_parallel=False) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 
 
 @torch.library.custom_op("zigma::selective_scan_torch_fwd", mutates_args=(), schema=_FWD_SCHEMA)
-def _selective_scan_torch_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, block):
-    """u, delta, z (B, D, L); A (D, N); B, C (B, N, L); ``block`` steps per block. Returns out (L, B, D) in u's dtype,
-    last_state (B, D, N), the block-start states (ceil(L / block), B, N, D) and the pre-gate y (L, B, D), or an
-    empty (0,) tensor without z; the last three in the compute dtype (fp32, fp64 for fp64 inputs)."""
-    return _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, block)
+def _selective_scan_torch_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, block, chunk_parallel=False):
+    """u, delta, z (B, D, L); A (D, N); B, C (B, N, L); ``block`` steps per block, each solved chunk-parallel or by a
+    step loop. Returns out (L, B, D) in u's dtype, last_state (B, D, N), the block-start states
+    (ceil(L / block), B, N, D) and the pre-gate y (L, B, D), or an empty (0,) tensor without z; the last three in the
+    compute dtype (fp32, fp64 for fp64 inputs)."""
+    return _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, block, chunk_parallel)
 
 
 @_selective_scan_torch_fwd.register_fake
-def _selective_scan_torch_fwd_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, block):
+def _selective_scan_torch_fwd_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, block, chunk_parallel=False):
     ct = compute_dtype(u.dtype)
     batch, dim, seqlen = u.shape
     n_state = A.shape[1]
@@ -219,15 +292,18 @@ def _selective_scan_torch_fwd_fake(u, delta, A, B, C, D, z, delta_bias, delta_so
 
 
 @torch.library.custom_op("zigma::selective_scan_torch_bwd", mutates_args=(), schema=_BWD_SCHEMA)
-def _selective_scan_torch_bwd(dout, u, delta, A, B, C, D, z, delta_bias, block_states, y, delta_softplus, block):
+def _selective_scan_torch_bwd(dout, u, delta, A, B, C, D, z, delta_bias, block_states, y, delta_softplus, block,
+                              chunk_parallel=False):  # fmt: skip
     """dout (L, B, D). Returns du, ddelta, dz (L, B, D); dA (N, D); dB, dC (L, B, N); dD, d delta_bias (D,); each
     contiguous in its input's dtype, and an empty (0,) tensor for an absent D, z or delta_bias."""
-    return _scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, block_states, y, delta_softplus, block)
+    return _scan_backward(
+        dout, u, delta, A, B, C, D, z, delta_bias, block_states, y, delta_softplus, block, chunk_parallel
+    )
 
 
 @_selective_scan_torch_bwd.register_fake
 def _selective_scan_torch_bwd_fake(dout, u, delta, A, B, C, D, z, delta_bias, block_states, y, delta_softplus,
-                                   block):  # fmt: skip
+                                   block, chunk_parallel=False):  # fmt: skip
     batch, dim, seqlen = u.shape
     n_state = A.shape[1]
     return (
@@ -243,18 +319,19 @@ def _selective_scan_torch_bwd_fake(dout, u, delta, A, B, C, D, z, delta_bias, bl
 
 
 def _setup_context(ctx, inputs, output):
-    u, delta, A, B, C, D, z, delta_bias, delta_softplus, block = inputs
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, block, *chunk_parallel = inputs
     _, last_state, block_states, y = output
     ctx.mark_non_differentiable(last_state, block_states, y)
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, block_states, y)
     ctx.delta_softplus = delta_softplus
     ctx.block = block
+    ctx.chunk_parallel = bool(chunk_parallel and chunk_parallel[0])
 
 
 def _backward(ctx, dout, _d_last_state, _d_block_states, _d_y):
     u, delta, A, B, C, D, z, delta_bias, block_states, y = ctx.saved_tensors
     du, ddelta, dA, dB, dC, dD, dz, dbias = _selective_scan_torch_bwd(
-        dout, u, delta, A, B, C, D, z, delta_bias, block_states, y, ctx.delta_softplus, ctx.block
+        dout, u, delta, A, B, C, D, z, delta_bias, block_states, y, ctx.delta_softplus, ctx.block, ctx.chunk_parallel
     )
     return (
         du.permute(1, 2, 0),  # (L, B, D) -> (B, D, L)
@@ -267,6 +344,7 @@ def _backward(ctx, dout, _d_last_state, _d_block_states, _d_y):
         dbias if delta_bias is not None else None,
         None,
         None,
+        None,
     )
 
 
@@ -274,13 +352,16 @@ _selective_scan_torch_fwd.register_autograd(_backward, setup_context=_setup_cont
 
 
 def selective_scan_torch(
-    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False
-):
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False, *,
+    chunk_parallel: bool | None = None,
+):  # fmt: skip
     """Pure-PyTorch selective scan with the mamba_ssm contract (see :mod:`zigma.ops.reference`).
 
     Runs as the custom op ``torch.ops.zigma.selective_scan_torch_fwd`` (backward: ``..._bwd``), so
     ``torch.compile`` treats it as one opaque node. Returns out (B, D, L) in u's dtype (a view of a time-major
     buffer) and, with ``return_last_state``, last_state (B, D, N) fp32 (fp64 for fp64 inputs), without gradient.
+    ``chunk_parallel`` picks how blocks are solved (module docstring); None: :func:`default_chunk_parallel` of u's
+    device (True on CUDA, False on CPU).
 
     Raises:
         ValueError: for a complex A, grouped B/C with more than one group, or input-independent (2-dim) B.
@@ -291,7 +372,11 @@ def selective_scan_torch(
     if C.dim() == 4:
         C = C.squeeze(1)
     batch, dim, seqlen = u.shape
-    blk = _block_length(batch, A.shape[1], dim, seqlen)
-    out, last_state, _, _ = _selective_scan_torch_fwd(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), blk)
+    if chunk_parallel is None:
+        chunk_parallel = default_chunk_parallel(u.device)
+    blk = _block_length(batch, A.shape[1], dim, seqlen, chunk_parallel)
+    out, last_state, _, _ = _selective_scan_torch_fwd(
+        u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), blk, bool(chunk_parallel)
+    )
     out = out.permute(1, 2, 0)  # (L, B, D) -> (B, D, L)
     return (out, last_state) if return_last_state else out
