@@ -97,16 +97,15 @@ def _bwd(dout, u, delta, A, B, C, D, z, delta_bias, x, out, delta_softplus):
         _grouped(_unit_last_stride(C)), D.contiguous() if D is not None else None, _unit_last_stride(z), delta_bias,
         _unit_last_stride(dout), x, out if z is not None else None, None, delta_softplus, False,
     )  # fmt: skip
-    empty = A.new_empty(0)
     return (
         du.to(u.dtype).contiguous(),
         ddelta.to(delta.dtype).contiguous(),
         dA.to(A.dtype).contiguous(),
         dB.reshape(B.shape).to(B.dtype).contiguous(),
         dC.reshape(C.shape).to(C.dtype).contiguous(),
-        dD.to(D.dtype).contiguous() if D is not None else empty,
+        dD.to(D.dtype).contiguous() if D is not None else A.new_empty(0),  # outputs must not alias: one each
         rest[0].to(z.dtype).contiguous() if z is not None else u.new_empty(0),
-        dbias.to(delta_bias.dtype).contiguous() if delta_bias is not None else empty,
+        dbias.to(delta_bias.dtype).contiguous() if delta_bias is not None else A.new_empty(0),
     )
 
 
