@@ -19,7 +19,8 @@
 # A failing or timed-out step is recorded and the next one still runs. Files in $OUT (few, for the device's 8-file
 # limit): summary.md (one line per step: result, seconds, key numbers), steps.log (every step's output),
 # train_step.md / train_step.json, and whatever triage writes under triage/. The summary is printed last.
-# Every interpreter call is ${PYTHON:-python3}; the key numbers of a step are its output lines starting "KEY: ".
+# Every interpreter call is ${PYTHON:-python3}; a step's key numbers are its output lines starting "KEY: " (else its
+# last line).
 set -u -o pipefail # no -e: one failed step must not stop the others
 
 PY="${PYTHON:-python3}"
@@ -50,7 +51,10 @@ run_step() {
         record "$name" "skipped: overall budget spent" 0 ""
         return
     fi
-    echo "=== $name (limit ${limit} s): $*"
+    local shown="$*"
+    shown="${shown//$'\n'/ }"
+    shown="${shown:0:160}"
+    echo "=== $name (limit ${limit} s): $shown"
     local t0 rc result
     t0=$(date +%s)
     timeout --kill-after=10 "$limit" "$@" >"$WORK/$name.log" 2>&1
@@ -61,12 +65,12 @@ run_step() {
         *) result="failed (exit $rc)" ;;
     esac
     {
-        echo "################ $name: $result, $(($(date +%s) - t0)) s: $*"
+        echo "################ $name: $result, $(($(date +%s) - t0)) s: $shown"
         cat "$WORK/$name.log"
     } >>"$LOG"
     local keys
     keys=$(sed -n 's/^KEY: //p' "$WORK/$name.log" | paste -sd ';' - | sed 's/;/; /g')
-    if [[ -z "$keys" && $rc -ne 0 ]]; then # no key numbers: the last line says why
+    if [[ -z "$keys" ]]; then # no key numbers (triage prints none): its last line
         keys=$(grep -v '^[[:space:]]*$' "$WORK/$name.log" | tail -n 1 | cut -c1-200)
     fi
     record "$name" "$result" $(($(date +%s) - t0)) "$keys"
@@ -83,7 +87,8 @@ print("KEY: python", platform.python_version(), "| torch", torch.__version__, "|
 found = []
 for name in ("triton", "lightning", "mamba_ssm", "selective_scan_cuda", "mambapy", "torchdiffeq"):
     try:
-        found.append(f"{name} {getattr(importlib.import_module(name), "__version__", "(no version)")}")
+        version = getattr(importlib.import_module(name), "__version__", "(no version)")
+        found.append(f"{name} {version}")
     except Exception as err:
         found.append(f"{name} absent ({type(err).__name__})")
 print("KEY:", ", ".join(found))
@@ -93,15 +98,15 @@ if torch.cuda.is_available():
 '
 
 if [[ -f benchmarks/triton_triage.py ]]; then
-    run_step triage 90 "$PY" benchmarks/triton_triage.py --out "$OUTDIR/triage"
+    run_step triage 110 "$PY" benchmarks/triton_triage.py --out "$OUTDIR/triage"
 else
     record triage "missing (benchmarks/triton_triage.py not found)" 0 ""
     echo "=== triage: benchmarks/triton_triage.py not found, skipped"
 fi
-run_step env 20 "$PY" -c "$ENV_CODE"
+run_step env 30 "$PY" -c "$ENV_CODE"
 # a fresh Triton cache: the guard's first-call cost then includes compiling its kernels, as on a new machine
-TRITON_CACHE_DIR="$WORK/triton-cache" run_step check_scan 75 "$PY" benchmarks/check_scan_gpu.py --dtypes bf16
-run_step scan_gpu 70 "$PY" benchmarks/scan_gpu.py --warmup 1 --repeats 5 --backends triton pscan cuda
+TRITON_CACHE_DIR="$WORK/triton-cache" run_step check_scan 70 "$PY" benchmarks/check_scan_gpu.py --dtypes bf16
+run_step scan_gpu 60 "$PY" benchmarks/scan_gpu.py --warmup 1 --repeats 5 --backends triton pscan cuda
 # train_step stops starting rows 60 s before its limit (a compiled row can take a minute); rows left are "skipped"
 left=$((DEADLINE - $(date +%s) - 5))
 run_step train_step "$left" "$PY" benchmarks/train_step.py --quick --compile --time-budget $((left > 70 ? left - 60 : 10)) \
