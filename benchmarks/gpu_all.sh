@@ -3,10 +3,10 @@
 #
 #   bash benchmarks/gpu_all.sh          # results under $OUT if set, else benchmarks/out/
 #
-# Device run (this workplace's `run` tool; first, here: bash benchmarks/gpu_wheels.sh, which fills .whl/ with mambapy):
-#   run(carry=[".whl"], timeout_s=560, command="python3 -m pip install -q --no-index --no-deps --no-compile
-#       --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit;
-#       bash benchmarks/gpu_all.sh")
+# Device run (this workplace's `run` tool; first, here: bash benchmarks/gpu_wheels.sh, which fills .whl/ with mambapy;
+# without it the run still goes, with pscan reported "not available"), as one line:
+#   run(carry=[".whl"], timeout_s=540, command="python3 -m pip install -q --no-index --no-deps --no-compile
+#       --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site; bash benchmarks/gpu_all.sh")
 #
 # Steps, in order, each under its own `timeout` (limits below, cut to what is left of GPU_ALL_BUDGET_S, default 450 s,
 # so the whole run stays under 8 minutes on one H100; GPU_ALL_LIMIT_<step>=S overrides one step's limit):

@@ -137,3 +137,11 @@ def test_compiled_call_resolves_eagerly_at_trace_time_in_one_graph(monkeypatch):
         torch._dynamo.reset()
     assert counter.frame_count == 1 and len(record) == 1 and calls == [torch.float32]
     assert torch.equal(out, selective_scan_torch(*x, delta_softplus=True) ** 2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or triton_scan.INTERPRET, reason="needs a GPU (compiled kernels)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_real_guard_passes_on_the_gpu_at_its_full_shape(monkeypatch, dtype):
+    monkeypatch.undo()  # the module's GUARD_SHAPE, not the fixture's small one
+    result = guard.check_triton_scan("cuda", dtype)
+    assert result.ok, result.detail
