@@ -157,7 +157,7 @@ def _chosen_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
 
 # What torch.compiler.assume_constant_result(_chosen_backend) sets (torch 2.4 to 2.14), written here because that
 # function imports torch._dynamo, which `import zigma` must not (tests/test_imports.py); tests/zigma/ops/test_guard.py
-# checks that the two still agree and that a compiled model resolves eagerly in one graph.
+# checks that the two still agree and that a compiled call resolves eagerly, at trace time, in one graph.
 _chosen_backend._dynamo_marked_constant = True
 
 
