@@ -42,6 +42,7 @@ import dataclasses
 import datetime
 import gc
 import json
+import signal
 import statistics
 import subprocess
 import sys
@@ -496,38 +497,41 @@ def main() -> None:
     # the torch backend on a GPU is slow (Python loops over L): measure it after everything else
     plan.sort(key=lambda item: item[0] == "train" and item[1].slow)
 
-    for kind, item in plan:
-        name = item.name if kind == "train" else item[0]
-        if over_budget():
-            skipped = Row(name, status=f"skipped (time budget {args.time_budget:g} s)")
-            (rows if kind == "train" else samples).append(skipped)
-            continue
-        try:
-            if kind == "train":
-                row, out = train_row(item, args, device, clock, data, baseline_out)
-                if item.name == "zigzag8":
-                    baseline_out = out
-                rows.append(row)
-            else:
-                row = sample_row(item[0], item[1], args, device, clock)
-                samples.append(row)
-        except Exception as err:  # report the failure (OOM, a backend error) and go on with the other rows
-            row = Row(name, status=error_status(err))
-            (rows if kind == "train" else samples).append(row)
-        finally:
-            if (kind == "train" and item.compile) or (kind == "sample" and item[1]):
-                torch._dynamo.reset()
-            release(device)
-        timing = f"{row.median_ms:.1f} ms (warm-up {row.warmup_s:.1f} s)" if row.times_ms else row.status
-        print(f"[{time.perf_counter() - start:6.1f} s] {kind} {name}: {timing}", flush=True)
-        save()
-
-    print()
-    print(report(args, device, peak, peak_label, rows, samples), end="")
-    base = next((r for r in rows if r.name == "zigzag8" and r.times_ms), None)
-    for line in targets(rows, base, peak, samples):
-        metric, measured, target, met = (cell.strip() for cell in line.strip("|").split("|"))
-        print(f"KEY: {metric} {measured}" + (f" (target {target}, met: {met})" if target != "-" else ""))
+    # SIGTERM (gpu_all.sh's per-step timeout) ends the rows early but still prints the report and the KEY lines
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))
+    try:
+        for kind, item in plan:
+            name = item.name if kind == "train" else item[0]
+            if over_budget():
+                skipped = Row(name, status=f"skipped (time budget {args.time_budget:g} s)")
+                (rows if kind == "train" else samples).append(skipped)
+                continue
+            try:
+                if kind == "train":
+                    row, out = train_row(item, args, device, clock, data, baseline_out)
+                    if item.name == "zigzag8":
+                        baseline_out = out
+                    rows.append(row)
+                else:
+                    row = sample_row(item[0], item[1], args, device, clock)
+                    samples.append(row)
+            except Exception as err:  # report the failure (OOM, a backend error) and go on with the other rows
+                row = Row(name, status=error_status(err))
+                (rows if kind == "train" else samples).append(row)
+            finally:
+                if (kind == "train" and item.compile) or (kind == "sample" and item[1]):
+                    torch._dynamo.reset()
+                release(device)
+            timing = f"{row.median_ms:.1f} ms (warm-up {row.warmup_s:.1f} s)" if row.times_ms else row.status
+            print(f"[{time.perf_counter() - start:6.1f} s] {kind} {name}: {timing}", flush=True)
+            save()
+    finally:
+        print()
+        print(report(args, device, peak, peak_label, rows, samples), end="")
+        base = next((r for r in rows if r.name == "zigzag8" and r.times_ms), None)
+        for line in targets(rows, base, peak, samples):
+            metric, measured, target, met = (cell.strip() for cell in line.strip("|").split("|"))
+            print(f"KEY: {metric} {measured}" + (f" (target {target}, met: {met})" if target != "-" else ""))
 
 
 if __name__ == "__main__":
