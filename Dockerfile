@@ -1,6 +1,6 @@
 # GPU image for training: PyTorch with the CUDA toolchain, zigma-lightning, and (optionally) the compiled
-# mamba-ssm / causal-conv1d kernels as an extra scan backend. zigma itself needs none of them: on CUDA it uses its
-# Triton kernel, elsewhere the pure-PyTorch scan.
+# mamba-ssm scan kernel as an extra scan backend (causal-conv1d is not used: see requirements-gpu.txt). zigma itself
+# needs neither: on CUDA it uses its Triton kernel, elsewhere the pure-PyTorch scan.
 #   docker build -t zigma-lightning .
 #   docker build --build-arg WITH_MAMBA_KERNELS=0 -t zigma-lightning:lean .
 #   docker run --gpus all -v $PWD/runs:/workspace/zigma-lightning/runs zigma-lightning
@@ -16,7 +16,7 @@ RUN pip install --no-cache-dir -r requirements.txt -r requirements-dev.txt
 # The kernels are sdist-only: build them against the image's torch (nvcc from the -devel image), skipping the
 # prebuilt-wheel download that fails offline.
 RUN if [ "$WITH_MAMBA_KERNELS" = "1" ]; then \
-        MAMBA_FORCE_BUILD=TRUE CAUSAL_CONV1D_FORCE_BUILD=TRUE MAX_JOBS=4 \
+        MAMBA_FORCE_BUILD=TRUE MAX_JOBS=4 \
         pip install --no-cache-dir --no-build-isolation -r requirements-gpu.txt; \
     fi
 

@@ -1,6 +1,9 @@
 """GPU correctness check of the Triton selective scan (``zigma/ops/triton_scan.py``), compiled kernels on a real card.
 
-Two parts, both fwd + bwd with one shared upstream gradient, printing max/mean abs diffs per tensor and PASS/FAIL:
+First the cost of the runtime guard (``zigma/ops/guard.py``): wall time of ``check_triton_scan`` per dtype on its first
+call in this process (kernel compilation included unless Triton's disk cache already holds them; gpu_all.sh gives
+this step an empty cache) and on a repeat (the check alone), with its verdict. Then two parts, both fwd + bwd with one
+shared upstream gradient, printing max/mean abs diffs per tensor and PASS/FAIL:
 
 1. small shapes (odd L, partial chunks and D blocks, every option, L splits) against ``selective_scan_ref``, fp32;
 2. full shapes (B=32, L=1024 and B=4, L=4096; D=1536, N=16) in bf16 and fp32 against zigma's ``torch`` backend on the
@@ -9,8 +12,8 @@ Two parts, both fwd + bwd with one shared upstream gradient, printing max/mean a
 Tolerances are mamba_ssm's (tests/ops/test_selective_scan.py): fp32 6e-4/2e-3, bf16 3e-2/5e-2 for outputs; weight grads
 1e-3/1e-3 raised to the input tolerances with z; du x2, dΔ x5/x10, dA atol x5, variable dB/dC at input tolerances.
 
-    python benchmarks/check_scan_gpu.py                 # both parts; exit status 1 if anything fails
-    python benchmarks/check_scan_gpu.py --part full --dtypes bf16
+    python3 benchmarks/check_scan_gpu.py                 # guard, both parts; exit status 1 if anything fails
+    python3 benchmarks/check_scan_gpu.py --part full --dtypes bf16
 """
 
 import argparse
@@ -25,10 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from zigma.ops.guard import NAMES, TOLERANCES, gradient_tolerances  # noqa: E402
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-TOL = {torch.float32: (6e-4, 2e-3), torch.float16: (3e-3, 5e-3), torch.bfloat16: (3e-2, 5e-2)}
-TOL_W = (1e-3, 1e-3)
-NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 FULL_SHAPES = ((32, 1024, 1536, 16), (4, 4096, 1536, 16))  # (B, L, D, N)
 # (B, L, D, N, has_D, has_z, has_bias, softplus, chunk_size, l_split, layout); layout "model" = as zigma/mamba.py
 # passes them, "contiguous" = every (B, ., L) tensor contiguous and B, C as (B, 1, N, L)
@@ -123,19 +125,8 @@ def check(label, inputs, softplus, baseline, **kw) -> bool:
     out_ref, last_ref, grads_ref = run(baseline, inputs, softplus, grad)
     t_base = time.perf_counter() - start
     print(f"| {label} | (wall s: triton {t_triton:.2f} incl. compile, baseline {t_base:.2f}) | | | | | |")
-    has_z = inputs[6] is not None
-    rtol, atol = TOL[dtype]
-    rtol_w, atol_w = (max(TOL_W[0], rtol), max(TOL_W[1], atol)) if has_z else TOL_W
-    grad_tol = {
-        "u": (2 * rtol, 2 * atol),
-        "delta": (5 * rtol, 10 * atol),
-        "A": (rtol_w, 5 * atol_w),
-        "B": (rtol, atol),
-        "C": (rtol, atol),
-        "D": (rtol_w, atol_w),
-        "z": (rtol_w, atol_w) if dtype == torch.float32 else (rtol, atol),
-        "delta_bias": (rtol_w, atol_w),
-    }
+    rtol, atol = TOLERANCES[dtype]
+    grad_tol = gradient_tolerances(dtype, has_z=inputs[6] is not None)
     ok = compare(label, "out", out, out_ref, rtol, atol)
     ok &= compare(label, "last_state", last, last_ref, rtol, atol)
     ok &= bool(torch.isfinite(out).all())
@@ -145,9 +136,28 @@ def check(label, inputs, softplus, baseline, **kw) -> bool:
     return ok
 
 
+def guard_cost(dtypes) -> bool:
+    """Time the runtime guard per dtype, first call then a repeat, and print its verdicts; True if all passed."""
+    from zigma.ops.guard import check_triton_scan
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    ok, keys = True, []
+    for name in dtypes:
+        first = check_triton_scan(device, DTYPES[name])
+        repeat = check_triton_scan(device, DTYPES[name])
+        print(f"| guard {name} | first call {first.seconds:.3f} s | repeat {repeat.seconds:.3f} s | | | | "
+              f"{'PASS' if first.ok else 'FAIL: ' + first.detail} |")  # fmt: skip
+        keys.append(
+            f"guard {name} {'ok' if first.ok else 'FAILED'} {first.seconds:.2f} s first, {repeat.seconds:.3f} s repeat"
+        )
+        ok &= first.ok and repeat.ok
+    print("KEY: " + "; ".join(keys))
+    return ok
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=("all", "small", "full"), default="all")
+    parser.add_argument("--part", choices=("all", "guard", "small", "full"), default="all")
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=["bf16", "fp32"])
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -164,21 +174,32 @@ def main() -> None:
     print("| case | tensor | max abs diff | mean abs diff | max abs ref | rtol/atol | verdict |")
     print("|---|---|---|---|---|---|---|")
     ok = True
+    if args.part in ("all", "guard"):
+        ok &= guard_cost(args.dtypes)
+    failed = []
     if args.part in ("all", "small"):
         for batch, seqlen, dim, dstate, has_d, has_z, has_bias, softplus, chunk, split, layout in SMALL_CASES:
             inputs = small_case_inputs(batch, seqlen, dim, dstate, has_d, has_z, has_bias, softplus, layout)
             options = f"D{has_d:d}z{has_z:d}b{has_bias:d}s{softplus:d}"
             label = f"ref B{batch} L{seqlen} D{dim} N{dstate} T{chunk} S{split} {options} {layout}"
-            ok &= check(label, inputs, softplus, selective_scan_ref, chunk_size=chunk, l_split=split)
+            passed = check(label, inputs, softplus, selective_scan_ref, chunk_size=chunk, l_split=split)
+            ok &= passed
+            failed += [] if passed else [label]
     if args.part in ("all", "full"):
         for dtype_name in args.dtypes:
             for batch, seqlen, dim, dstate in FULL_SHAPES:
                 inputs = model_like_inputs(batch, seqlen, dim, dstate, DTYPES[dtype_name])
                 label = f"torch {dtype_name} B{batch} L{seqlen} D{dim} N{dstate}"
-                ok &= check(label, inputs, True, selective_scan_torch)
+                passed = check(label, inputs, True, selective_scan_torch)
+                ok &= passed
+                failed += [] if passed else [label]
                 del inputs
                 torch.cuda.empty_cache()
     print(f"\nOVERALL: {'PASS' if ok else 'FAIL'}")
+    print(
+        f"KEY: scan check {'PASS' if ok else 'FAIL'}"
+        + (f" ({len(failed)} cases failed: {', '.join(failed)})" if failed else "")
+    )
     sys.exit(0 if ok else 1)
 
 

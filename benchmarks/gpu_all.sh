@@ -1,93 +1,125 @@
 #!/usr/bin/env bash
-# The one prepared GPU run (issue 8): environment, Triton scan correctness, scan benchmark, training-step benchmark.
+# The one prepared GPU run (issue 12): Triton triage, guard cost + scan correctness, scan speed, training step.
 #
-#   bash benchmarks/gpu_all.sh        # writes every log and table under $OUT if set, else benchmarks/out/
+#   bash benchmarks/gpu_all.sh          # results under $OUT if set, else benchmarks/out/
 #
-# Each step runs under its own time limit (all within GPU_ALL_BUDGET_S, default 530 s, so that the whole run ends
-# within ~9 minutes on an H100); a failing or timed-out step is recorded in status.md and the next one still runs.
-# The console shows one line per step, then the tables (scan check summary, scan benchmark, training step) and the
-# step status last. train_step.py rewrites its report after every row, so a timeout keeps the rows already measured.
-set -u -o pipefail  # no -e: one failed step must not stop the others
+# Device run (this workplace's `run` tool; first, here: bash benchmarks/gpu_wheels.sh, which fills .whl/ with mambapy;
+# without it the run still goes, with pscan reported "not available"), as one line:
+#   run(carry=[".whl"], timeout_s=540, command="python3 -m pip install -q --no-index --no-deps --no-compile
+#       --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site; bash benchmarks/gpu_all.sh")
+#
+# Steps, in order, each under its own `timeout` (limits below, cut to what is left of GPU_ALL_BUDGET_S, default 450 s;
+# a step that ignores SIGTERM is killed 5 s later, so the whole run stays under 8 minutes on one H100 even then;
+# GPU_ALL_LIMIT_<step>=S overrides one step's limit):
+#   triage      benchmarks/triton_triage.py --out $OUT/triage (associative-scan probe, tiling sweep, kernel split)
+#   env         interpreter, torch, triton, GPU, optional packages
+#   check_scan  guard cost on a cold Triton cache, then Triton vs reference (small) and vs torch (full size, bf16)
+#   scan_gpu    fwd+bwd vs the HBM floor and vs mambapy's pscan (B=32/L=1024, B=4/L=4096, bf16)
+#   train_step  zigzag8_b1_pe2 at batch 32 bf16: MFU, zigzag permutation share, checkpointing memory/speed,
+#               other scan backends, compiled step, sampling throughput (rows skipped once its budget is spent)
+# A failing or timed-out step is recorded and the next one still runs. Files in $OUT (few, for the device's 8-file
+# limit): summary.md (one line per step: result, seconds, key numbers), steps.log (every step's output),
+# train_step.md / train_step.json, and whatever triage writes under triage/. The summary is printed last.
+# Every interpreter call is ${PYTHON:-python3}; a step's key numbers are its output lines starting "KEY: " (else its
+# last line).
+set -u -o pipefail # no -e: one failed step must not stop the others
 
+PY="${PYTHON:-python3}"
+OUTDIR="${OUT:-}"
+[[ -n "$OUTDIR" ]] || OUTDIR="$(cd "$(dirname "$0")" && pwd)/out"
+mkdir -p "$OUTDIR" && OUTDIR="$(cd "$OUTDIR" && pwd)" || exit 1 # absolute before leaving the caller's directory
 cd "$(dirname "$0")/.." || exit 1
-OUTDIR="${OUT:-benchmarks/out}"
-mkdir -p "$OUTDIR"
 START=$(date +%s)
-DEADLINE=$((START + ${GPU_ALL_BUDGET_S:-530}))
-STATUS="$OUTDIR/status.md"
-printf '| step | result | seconds | log |\n|---|---|---|---|\n' >"$STATUS"
+DEADLINE=$((START + ${GPU_ALL_BUDGET_S:-450}))
+WORK=$(mktemp -d) || exit 1
+trap 'rm -rf "$WORK"' EXIT
+SUMMARY_ROWS="$WORK/rows.md"
+LOG="$OUTDIR/steps.log"
+: >"$SUMMARY_ROWS"
+: >"$LOG"
 export PYTHONUNBUFFERED=1
 
-# run_step NAME LIMIT_S COMMAND...: run COMMAND with its output in $OUTDIR/NAME.log, at most LIMIT_S seconds (less
-# if the overall budget has less left), and record the exit status.
+# run_step NAME LIMIT_S COMMAND...: run COMMAND for at most LIMIT_S seconds (GPU_ALL_LIMIT_NAME if set; less if the
+# overall budget has less left), its output appended to steps.log, and record result, seconds and its KEY lines.
 run_step() {
     local name=$1 limit=$2
     shift 2
+    local override="GPU_ALL_LIMIT_$name"
+    limit=${!override:-$limit}
     local left=$((DEADLINE - $(date +%s)))
     ((limit > left)) && limit=$left
-    if ((limit < 30)); then
-        echo "| $name | skipped: overall budget spent | 0 | |" >>"$STATUS"
-        echo "=== $name: skipped (overall budget spent)"
+    if ((left < 5)); then
+        record "$name" "skipped: overall budget spent" 0 ""
         return
     fi
-    echo "=== $name (limit ${limit} s): $*"
+    local shown="$*"
+    shown="${shown//$'\n'/ }"
+    shown="${shown:0:160}"
+    echo "=== $name (limit ${limit} s): $shown"
     local t0 rc result
     t0=$(date +%s)
-    timeout --kill-after=15 "$limit" "$@" >"$OUTDIR/$name.log" 2>&1
+    timeout --kill-after=5 "$limit" "$@" >"$WORK/$name.log" 2>&1
     rc=$?
     case $rc in
         0) result="ok" ;;
-        124 | 137) result="TIMED OUT after ${limit} s" ;;
-        *) result="FAILED (exit $rc)" ;;
+        124 | 137) result="timed out after ${limit} s" ;;
+        *) result="failed (exit $rc)" ;;
     esac
-    echo "| $name | $result | $(($(date +%s) - t0)) | $name.log |" >>"$STATUS"
+    {
+        echo "################ $name: $result, $(($(date +%s) - t0)) s: $shown"
+        cat "$WORK/$name.log"
+    } >>"$LOG"
+    local keys
+    keys=$(sed -n 's/^KEY: //p' "$WORK/$name.log" | paste -sd ';' - | sed 's/;/; /g')
+    if [[ -z "$keys" ]]; then # no key numbers (triage prints none): its last line
+        keys=$(grep -v '^[[:space:]]*$' "$WORK/$name.log" | tail -n 1 | cut -c1-200)
+    fi
+    record "$name" "$result" $(($(date +%s) - t0)) "$keys"
     echo "    -> $result in $(($(date +%s) - t0)) s"
 }
 
-env_info() {
-    nvidia-smi
-    python - <<'EOF'
-import importlib, platform, subprocess, torch
-print("python", platform.python_version(), "| torch", torch.__version__, "| CUDA", torch.version.cuda,
-      "| cuDNN", torch.backends.cudnn.version())
-for name in ("triton", "lightning", "mamba_ssm", "causal_conv1d", "mambapy", "torchdiffeq"):
-    try:
-        print(name, getattr(importlib.import_module(name), "__version__", "installed"))
-    except Exception as err:
-        print(name, "not importable:", type(err).__name__)
-if torch.cuda.is_available():
-    p = torch.cuda.get_device_properties(0)
-    print("device", torch.cuda.get_device_name(), f"| {p.total_memory / 2**30:.0f} GiB | {p.multi_processor_count} SMs")
-print("commit", subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip())
-EOF
+record() { # NAME RESULT SECONDS KEYS
+    printf '| %s | %s | %s | %s |\n' "$1" "$2" "$3" "${4//|//}" >>"$SUMMARY_ROWS"
 }
 
-export -f env_info
-run_step env 30 bash -c env_info
-run_step check_scan_gpu 130 python benchmarks/check_scan_gpu.py
-run_step scan_gpu 100 python benchmarks/scan_gpu.py --warmup 1 --repeats 5
-# train_step stops starting rows 75 s before its limit (a compile row can take a minute); rows left are "skipped"
+ENV_CODE='
+import importlib, platform, torch
+print("KEY: python", platform.python_version(), "| torch", torch.__version__, "| CUDA", torch.version.cuda)
+found = []
+for name in ("triton", "lightning", "mamba_ssm", "selective_scan_cuda", "mambapy", "torchdiffeq"):
+    try:
+        version = getattr(importlib.import_module(name), "__version__", "(no version)")
+        found.append(f"{name} {version}")
+    except Exception as err:
+        found.append(f"{name} absent ({type(err).__name__})")
+print("KEY:", ", ".join(found))
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"KEY: {torch.cuda.get_device_name()}, {p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs")
+'
+
+if [[ -f benchmarks/triton_triage.py ]]; then
+    run_step triage 110 "$PY" benchmarks/triton_triage.py --out "$OUTDIR/triage"
+else
+    record triage "missing (benchmarks/triton_triage.py not found)" 0 ""
+    echo "=== triage: benchmarks/triton_triage.py not found, skipped"
+fi
+run_step env 30 "$PY" -c "$ENV_CODE"
+# a fresh Triton cache: the guard's first-call cost then includes compiling its kernels, as on a new machine
+TRITON_CACHE_DIR="$WORK/triton-cache" run_step check_scan 70 "$PY" benchmarks/check_scan_gpu.py --dtypes bf16
+run_step scan_gpu 60 "$PY" benchmarks/scan_gpu.py --warmup 1 --repeats 5 --backends triton pscan cuda
+# train_step stops starting rows 60 s before its limit (a compiled row can take a minute); rows left are "skipped"
 left=$((DEADLINE - $(date +%s) - 5))
-budget=$((left - 75))
-((budget < 1)) && budget=1
-run_step train_step "$left" python benchmarks/train_step.py --quick --compile --time-budget "$budget" \
+run_step train_step "$left" "$PY" benchmarks/train_step.py --quick --compile --time-budget $((left > 70 ? left - 60 : 10)) \
     --report "$OUTDIR/train_step.md" --json "$OUTDIR/train_step.json"
 
+{
+    echo "# gpu_all.sh: $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    echo "# total $(($(date +%s) - START)) s of a ${GPU_ALL_BUDGET_S:-450} s budget; outputs in $OUTDIR"
+    echo
+    echo "| step | result | seconds | key numbers |"
+    echo "|---|---|---|---|"
+    cat "$SUMMARY_ROWS"
+} >"$OUTDIR/summary.md"
 echo
-echo "################ environment"
-grep -E "^(python|triton|lightning|mamba_ssm|causal_conv1d|mambapy|torchdiffeq|device|commit) " "$OUTDIR/env.log"
-grep -E "Driver Version" "$OUTDIR/env.log"
-echo
-echo "################ check_scan_gpu (failures and verdict; full table in check_scan_gpu.log)"
-grep -E "FAIL|OVERALL|Error|error" "$OUTDIR/check_scan_gpu.log" | head -n 40
-tail -n 3 "$OUTDIR/check_scan_gpu.log"
-echo
-echo "################ scan_gpu"
-grep -E "^(#|\|)" "$OUTDIR/scan_gpu.log" || tail -n 20 "$OUTDIR/scan_gpu.log"
-echo
-echo "################ train_step"
-if [[ -s "$OUTDIR/train_step.md" ]]; then cat "$OUTDIR/train_step.md"; else tail -n 30 "$OUTDIR/train_step.log"; fi
-grep -E "^\[ *[0-9.]+ s\]|Error" "$OUTDIR/train_step.log" | tail -n 20
-echo
-echo "################ steps (total $(($(date +%s) - START)) s; logs in $OUTDIR)"
-cat "$STATUS"
+cat "$OUTDIR/summary.md"

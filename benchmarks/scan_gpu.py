@@ -12,9 +12,12 @@ HBM floor (estimate, H100 at 3.0 TB/s; e = bytes per activation element, 2 for b
     backward = 8·e·D (read u, Δ, z, out, dout; write du, dΔ, dz) + 2·N·e (B, C) + 2·N·4 (fp32 dB, dC)
     floor ms = batch · L · bytes / 3.0e12 · 1e3          (D 1536, N 16, L 1024: 5.3 + 8.5 = 13.7 µs per sequence)
 
-    python benchmarks/scan_gpu.py                          # B=32/L=1024 and B=4/L=4096, D=1536, N=16, bf16
-    python benchmarks/scan_gpu.py --backends triton torch --repeats 20
-    python benchmarks/scan_gpu.py --device cpu --small     # smoke test on CPU (Triton interpreter), tiny shapes
+    python3 benchmarks/scan_gpu.py                          # B=32/L=1024 and B=4/L=4096, D=1536, N=16, bf16
+    python3 benchmarks/scan_gpu.py --backends triton torch --repeats 20
+    python3 benchmarks/scan_gpu.py --device cpu --small     # smoke test on CPU (Triton interpreter), tiny shapes
+
+The torch backend's output is the reference of every row; without ``torch`` in ``--backends`` it is computed once
+(forward only) and not timed. Each shape ends with a ``KEY:`` line (Triton fwd+bwd vs the floor and vs pscan).
 """
 
 import argparse
@@ -156,6 +159,8 @@ def bench_shape(shape, backends, dtype, device, timer, warmup, repeats) -> dict:
             diff = float("nan") if baseline is None else (out.float() - baseline.float()).abs().max().item()
             baseline = out if baseline is None else baseline
             del out
+            if name not in backends:  # the torch reference only
+                continue
             rows[name] = (timer.measure(fwd, warmup, repeats), timer.measure(fwd_bwd, warmup, repeats),
                           timer.peak_mb(fwd_bwd), diff)  # fmt: skip
         except torch.cuda.OutOfMemoryError:
@@ -227,6 +232,13 @@ def main() -> None:
             diff_s = "baseline" if name == "torch" else f"{diff:.2e}"
             print(f"{prefix} {f_med:.3f} ({f_lo:.3f}..{f_hi:.3f}) | {b_med:.3f} ({b_lo:.3f}..{b_hi:.3f}) | "
                   f"{peak:.0f} | {floor:.4g} | {b_med / floor:.1f}x | {speedup} | {diff_s} |")  # fmt: skip
+        triton_row = rows.get("triton")
+        if isinstance(triton_row, tuple):
+            b_med = triton_row[1][0]
+            vs_pscan = f", {pscan_ms / b_med:.1f}x faster than pscan" if pscan_ms else ", pscan n/a"
+            print(f"KEY: B{batch} L{seqlen} triton fwd+bwd {b_med:.3f} ms = {b_med / floor:.1f}x floor{vs_pscan}")
+        else:
+            print(f"KEY: B{batch} L{seqlen} triton {triton_row}")
 
 
 if __name__ == "__main__":

@@ -23,9 +23,13 @@ timing. Times are medians of CUDA-event timed steps after warm-up (spread min..m
 peak minus what was allocated before the timed steps. A row that fails (OOM or an error) is reported as such and the
 others still run; ``--time-budget`` skips the rows left once that many seconds have passed.
 
-    python benchmarks/train_step.py                          # all eager rows + sampling (H100: a few minutes)
-    python benchmarks/train_step.py --compile --quick        # + compiled rows; fewer repeats (benchmarks/gpu_all.sh)
-    python benchmarks/train_step.py --device cpu --small     # smoke test on CPU (tiny model, < 1 min)
+    python3 benchmarks/train_step.py                         # all eager rows + sampling (H100: a few minutes)
+    python3 benchmarks/train_step.py --compile --quick       # + compiled rows; fewer repeats (benchmarks/gpu_all.sh)
+    python3 benchmarks/train_step.py --device cpu --small    # smoke test on CPU (tiny model, < 1 min)
+
+The scan backend column is the one that ran for the scan's input dtype (the autocast dtype): where the Triton kernel
+fails its runtime self-check (``zigma/ops/guard.py``), ``auto`` shows ``torch``. The targets end the output as
+``KEY:`` lines (benchmarks/gpu_all.sh collects them).
 
 Targets (issue 8): MFU >= 35%; permutation overhead <= 3% of the step; gradient checkpointing <= 0.5x peak memory
 for <= 20% slower steps.
@@ -38,6 +42,7 @@ import dataclasses
 import datetime
 import gc
 import json
+import signal
 import statistics
 import subprocess
 import sys
@@ -211,7 +216,7 @@ def train_row(cfg: TrainConfig, args, device: str, clock: Clock, data, baseline_
     if cfg.scan_type is not None:
         overrides["scan_type"] = cfg.scan_type
     model = build_model(args, device, **overrides)
-    row = Row(cfg.name, backend=resolve_backend(cfg.backend, device), batch=x1.shape[0])
+    row = Row(cfg.name, backend=resolve_backend(cfg.backend, device, scan_dtype(args)), batch=x1.shape[0])
     row.flops = training_flops_per_sample(model) * x1.shape[0]
     if cfg.compile:
         graphs_before = _graphs_compiled()
@@ -261,7 +266,7 @@ def sample_row(name: str, compiled: bool, args, device: str, clock: Clock) -> Ro
     shape = (args.sample_batch, model.in_channels, model.img_dim, model.img_dim)
     x0 = torch.randn(shape, generator=torch.Generator().manual_seed(2)).to(device)
     sampler = Sampler(create_transport())
-    row = Row(name, backend=resolve_backend("auto", device), batch=args.sample_batch)
+    row = Row(name, backend=resolve_backend("auto", device, scan_dtype(args)), batch=args.sample_batch)
     row.flops = training_flops_per_sample(model) / 3 * args.sample_batch * args.sample_steps
 
     def run(num_steps):
@@ -390,9 +395,14 @@ def targets(rows: list[Row], base: Row | None, peak: float | None, samples: list
     return out
 
 
+def scan_dtype(args) -> torch.dtype:
+    """The selective scan's input dtype in these runs: the autocast dtype (the conv before it runs under autocast)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+
+
 # ------------------------------------------------------------------------------------------------------ main
 def train_configs(args, device: str) -> list[TrainConfig]:
-    auto = resolve_backend("auto", device)
+    auto = resolve_backend("auto", device, scan_dtype(args))
     configs = [
         TrainConfig("zigzag8"),
         TrainConfig("raster (v1)", scan_type="v1", same_function=False),
@@ -487,34 +497,41 @@ def main() -> None:
     # the torch backend on a GPU is slow (Python loops over L): measure it after everything else
     plan.sort(key=lambda item: item[0] == "train" and item[1].slow)
 
-    for kind, item in plan:
-        name = item.name if kind == "train" else item[0]
-        if over_budget():
-            skipped = Row(name, status=f"skipped (time budget {args.time_budget:g} s)")
-            (rows if kind == "train" else samples).append(skipped)
-            continue
-        try:
-            if kind == "train":
-                row, out = train_row(item, args, device, clock, data, baseline_out)
-                if item.name == "zigzag8":
-                    baseline_out = out
-                rows.append(row)
-            else:
-                row = sample_row(item[0], item[1], args, device, clock)
-                samples.append(row)
-        except Exception as err:  # report the failure (OOM, a backend error) and go on with the other rows
-            row = Row(name, status=error_status(err))
-            (rows if kind == "train" else samples).append(row)
-        finally:
-            if (kind == "train" and item.compile) or (kind == "sample" and item[1]):
-                torch._dynamo.reset()
-            release(device)
-        timing = f"{row.median_ms:.1f} ms (warm-up {row.warmup_s:.1f} s)" if row.times_ms else row.status
-        print(f"[{time.perf_counter() - start:6.1f} s] {kind} {name}: {timing}", flush=True)
-        save()
-
-    print()
-    print(report(args, device, peak, peak_label, rows, samples), end="")
+    # SIGTERM (gpu_all.sh's per-step timeout) ends the rows early but still prints the report and the KEY lines
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))
+    try:
+        for kind, item in plan:
+            name = item.name if kind == "train" else item[0]
+            if over_budget():
+                skipped = Row(name, status=f"skipped (time budget {args.time_budget:g} s)")
+                (rows if kind == "train" else samples).append(skipped)
+                continue
+            try:
+                if kind == "train":
+                    row, out = train_row(item, args, device, clock, data, baseline_out)
+                    if item.name == "zigzag8":
+                        baseline_out = out
+                    rows.append(row)
+                else:
+                    row = sample_row(item[0], item[1], args, device, clock)
+                    samples.append(row)
+            except Exception as err:  # report the failure (OOM, a backend error) and go on with the other rows
+                row = Row(name, status=error_status(err))
+                (rows if kind == "train" else samples).append(row)
+            finally:
+                if (kind == "train" and item.compile) or (kind == "sample" and item[1]):
+                    torch._dynamo.reset()
+                release(device)
+            timing = f"{row.median_ms:.1f} ms (warm-up {row.warmup_s:.1f} s)" if row.times_ms else row.status
+            print(f"[{time.perf_counter() - start:6.1f} s] {kind} {name}: {timing}", flush=True)
+            save()
+    finally:
+        print()
+        print(report(args, device, peak, peak_label, rows, samples), end="")
+        base = next((r for r in rows if r.name == "zigzag8" and r.times_ms), None)
+        for line in targets(rows, base, peak, samples):
+            metric, measured, target, met = (cell.strip() for cell in line.strip("|").split("|"))
+            print(f"KEY: {metric} {measured}" + (f" (target {target}, met: {met})" if target != "-" else ""))
 
 
 if __name__ == "__main__":
