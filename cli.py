@@ -7,7 +7,10 @@ reported and skipped), and keeps writing to that run's TensorBoard directory; (2
 ``config.yaml`` on resume instead of failing; (3) writes checkpoints atomically (``AtomicCheckpointIO``);
 (4) under SLURM, enables ``SLURMEnvironment(auto_requeue=True)``, pins the run directory to the job id and resumes
 by default, so a preempted job saves, requeues itself and continues the same run; (5) checks that the model fits the
-data before any step; (6) reports configuration errors in one line (``ZIGMA_DEBUG=1`` for the traceback).
+data before any step; (6) reports configuration errors in one line (``ZIGMA_DEBUG=1`` for the traceback), with a
+"did you mean" for mistyped keys, and unwritable run directories before any step; (7) with a checkpoint, takes the
+architecture from it and every other setting from the configs and command line (LightningCLI alone would replace
+all ``model`` settings with the saved ones), and refuses ``predict``/``validate``/``test`` without a checkpoint.
 """
 
 from __future__ import annotations
