@@ -119,7 +119,8 @@ class ZigMaCLI(LightningCLI):
         try:
             super().parse_arguments(parser, args)
         except ArgumentError as err:
-            known = {key for p in getattr(self, "_parsers", []) for key in p.get_defaults().keys()}  # noqa: SIM118 (dotted keys)
+            defaults = [p.get_defaults() for p in getattr(self, "_parsers", [])]
+            known = {key for d in defaults for key in d.keys()}  # noqa: SIM118 (a Namespace's keys() are dotted)
             raise ConfigError(describe_parse_error(str(err), known)) from err
 
     def _parse_ckpt_path(self) -> None:

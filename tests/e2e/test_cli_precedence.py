@@ -132,6 +132,17 @@ def test_the_quickstart_config_does_not_fit_a_tiny_checkpoint(trained, tmp_path,
     assert f"(its run's settings: {trained.parent.parent / 'config.yaml'})" in line
 
 
+def test_data_that_does_not_fit_the_checkpoint_is_refused_without_advice_to_change_the_model(trained, tmp_path,
+                                                                                             capsys):  # fmt: skip
+    """The model/data check no longer tells to set a model.net value the checkpoint would refuse."""
+    line = refused(capsys, "predict", *QUICKSTART, "--ckpt_path", str(trained), "--data.init_args.image_size", "16",
+                   save_dir=tmp_path)  # fmt: skip
+    assert line == (
+        f"error: model.net.img_dim=32 does not match the data: EmbeddedFacesDataModule yields samples of "
+        f"shape (1, 16, 16); the checkpoint {trained} fixes the architecture: use data that fits it"
+    )
+
+
 def test_runtime_keys_of_net_may_differ(trained, tmp_path, caplog):
     """scan_backend and drop_path_rate change how the network runs, not its weights: given, they win."""
     caplog.set_level(logging.INFO, logger="zigma.cli")
