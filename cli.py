@@ -257,18 +257,25 @@ class ZigMaCLI(LightningCLI):
 
     def _check_writable(self, sub: str) -> None:
         """Fail before any step when a directory the run writes to (logs and config.yaml, checkpoints, predicted
-        samples) cannot be written."""
+        samples) cannot be written, naming it and the setting that chooses it."""
         trainer = self.trainer
-        dirs = [logger.root_dir for logger in trainer.loggers if getattr(logger, "root_dir", None)]
-        dirs = dirs or [trainer.default_root_dir]
-        dirs += [cb.dirpath for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath]
+        dirs = [
+            (lg.root_dir, "trainer.logger.init_args.save_dir")
+            for lg in trainer.loggers
+            if getattr(lg, "root_dir", None)
+        ]
+        dirs = dirs or [(trainer.default_root_dir, "trainer.default_root_dir")]
+        dirs += [(cb.dirpath, "the ModelCheckpoint's dirpath") for cb in trainer.checkpoint_callbacks
+                 if isinstance(cb, ModelCheckpoint) and cb.dirpath]  # fmt: skip
         if sub == "predict":
-            dirs += [cb.output_dir for cb in trainer.callbacks if isinstance(cb, SampleWriter)]
-        for directory in dirs:
+            dirs += [
+                (cb.output_dir, "predict_writer.output_dir") for cb in trainer.callbacks if isinstance(cb, SampleWriter)
+            ]
+        for directory, setting in dirs:
             problem = unwritable(Path(directory))
             if problem:
-                raise ConfigError(f"cannot write to {directory}: {problem}; choose another directory (e.g. "
-                                  "--trainer.logger.init_args.save_dir) or fix its permissions")  # fmt: skip
+                raise ConfigError(f"cannot write to {directory}: {problem}; set {setting} to a writable directory or "
+                                  "fix its permissions")  # fmt: skip
 
     def before_fit(self) -> None:
         """A resumed run writes into the same TensorBoard run. Steps its previous process logged after the checkpoint

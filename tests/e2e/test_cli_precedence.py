@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 
 import pytest
 import torch
@@ -187,12 +188,31 @@ def test_a_run_directory_that_cannot_be_created_is_refused_before_training(tmp_p
     assert line.startswith(f"error: cannot write to {blocker / 'runs' / 'quickstart'}: {blocker} is not a directory")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
-def test_a_read_only_run_directory_is_refused_before_training(tmp_path, capsys):
-    runs = tmp_path / "runs"
-    runs.mkdir(mode=0o500)
-    try:
-        line = refused(capsys, "fit", *QUICKSTART, save_dir=runs)
-    finally:
-        runs.chmod(0o700)
-    assert line.startswith(f"error: cannot write to {runs / 'quickstart'}: Permission denied")
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A directory nobody can write to: a read-only tmpfs as root (permission bits do not stop root), else mode 500."""
+    directory = tmp_path / "read_only"
+    directory.mkdir()
+    if os.geteuid() != 0:
+        directory.chmod(0o500)
+        yield directory
+        directory.chmod(0o700)
+        return
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(directory)], capture_output=True)
+    if mount.returncode != 0:
+        pytest.skip(f"root, and cannot mount a read-only tmpfs: {mount.stderr.decode().strip()}")
+    yield directory
+    subprocess.run(["umount", str(directory)], check=True)
+
+
+def test_a_read_only_run_directory_is_refused_before_training(read_only_dir, tmp_path, capsys):
+    line = refused(capsys, "fit", *QUICKSTART, save_dir=read_only_dir)
+    assert line.startswith(f"error: cannot write to {read_only_dir / 'quickstart'}: "), line
+    assert line.endswith("; set trainer.logger.init_args.save_dir to a writable directory or fix its permissions")
+
+
+def test_a_read_only_sample_directory_is_refused_before_predicting(trained, read_only_dir, tmp_path, capsys):
+    out = read_only_dir / "samples"
+    line = refused(capsys, "predict", *QUICKSTART, "--ckpt_path", str(trained), "--predict_writer.output_dir", str(out),
+                   save_dir=tmp_path)  # fmt: skip
+    assert line.startswith(f"error: cannot write to {out}: ") and "set predict_writer.output_dir" in line, line
