@@ -331,7 +331,10 @@ def merge_checkpoint_settings(current: dict, given: dict, saved: dict, recorded:
     given explicitly (``given``) and the checkpoint's (``saved``, ``recorded``): the architecture is the checkpoint's
     (a conflicting given value raises :class:`ConfigError`), ``net``'s runtime keys and every other setting given
     win, the saved values fill in the rest. Returns (settings, {key: (saved, now)} for what differs from the saved)."""
-    conflicts = architecture_conflicts(given, saved, recorded)
+    try:
+        conflicts = architecture_conflicts(given, saved, recorded)
+    except ValueError as err:  # e.g. a preset this version does not have
+        raise ConfigError(f"the architecture saved in {ckpt_path} does not fit this version: {err}") from err
     if conflicts:
         run_config = Path(ckpt_path).resolve().parent.parent / "config.yaml"
         hint = f" (its run's settings: {run_config})" if run_config.is_file() else ""
