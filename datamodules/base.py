@@ -45,6 +45,9 @@ class ZigMaDataModule(L.LightningDataModule):
 
     def __init__(self, num_predict_samples: int = 16, predict_batch_size: int = 16, predict_seed: int = 0):
         super().__init__()
+        for name, value in (("num_predict_samples", num_predict_samples), ("predict_batch_size", predict_batch_size)):
+            if value < 1:  # checked here, before any checkpoint or data is loaded
+                raise ValueError(f"data.{name} must be >= 1; got {value}")
         self.num_predict_samples = num_predict_samples
         self.predict_batch_size = predict_batch_size
         self.predict_seed = predict_seed

@@ -57,14 +57,20 @@ ZigMaArgs = _zigma_arguments_dataclass()
 
 
 def _given(net: Any) -> dict[str, Any]:
-    """ZigMaArgs or a plain dict -> dict of the arguments actually given."""
-    if dataclasses.is_dataclass(net):
-        return {k: v for k, v in dataclasses.asdict(net).items() if v is not None}
-    return dict(net or {})
+    """ZigMaArgs or a plain dict (e.g. a checkpoint's saved ``net``) -> dict of the arguments given (not None)."""
+    items = dataclasses.asdict(net).items() if dataclasses.is_dataclass(net) else (net or {}).items()
+    return {k: v for k, v in items if v is not None}
 
 
-def build_backbone(net: dict[str, Any] | None, preset: str | None, cond_dropout_prob: float | None) -> ZigMa:
-    """ZigMa from a preset and/or explicit arguments; conditional models default to 10% condition dropout (CFG)."""
+# The module's settings that define the backbone's weights: a checkpoint fixes them (see ``cli.py``).
+ARCHITECTURE_SETTINGS = ("net", "preset", "cond_dropout_prob")
+# ZigMa arguments that only change how the backbone runs or trains, not its weights: free to differ from a checkpoint.
+RUNTIME_NET_KEYS = frozenset({"scan_backend", "drop_path_rate", "use_checkpoint", "use_jit"})
+
+
+def backbone_arguments(net: dict[str, Any] | None, preset: str | None, cond_dropout_prob: float | None) -> dict:
+    """ZigMa's keyword arguments from a preset and/or explicit arguments; conditional models default to 10% condition
+    dropout (CFG)."""
     if preset is not None and preset not in PRESETS:
         raise ValueError(f"model.preset={preset!r} is not one of {sorted(PRESETS)}")
     kwargs = {**(PRESETS[preset] if preset else {}), **_given(net)}
@@ -74,7 +80,25 @@ def build_backbone(net: dict[str, Any] | None, preset: str | None, cond_dropout_
     if cond_dropout_prob is None:  # explicit values are validated by ZigMa (and unused by unconditional models)
         cond_dropout_prob = kwargs.get("cond_dropout_prob", 0.1 if conditional else 0.0)
     kwargs["cond_dropout_prob"] = cond_dropout_prob
-    return ZigMa(**kwargs)
+    return kwargs
+
+
+def build_backbone(net: dict[str, Any] | None, preset: str | None, cond_dropout_prob: float | None) -> ZigMa:
+    """ZigMa from :func:`backbone_arguments`."""
+    return ZigMa(**backbone_arguments(net, preset, cond_dropout_prob))
+
+
+def saved_architecture(hparams: dict[str, Any], recorded: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every ZigMa argument a checkpoint's backbone was built with: the signature's defaults, overridden by what the
+    saved hyper-parameters (``net``, ``preset``, ``cond_dropout_prob``) give, overridden by the config recorded by
+    ``on_save_checkpoint`` (``checkpoint["zigma"]["config"]``)."""
+    defaults = {
+        name: param.default
+        for name, param in inspect.signature(ZigMa.__init__).parameters.items()
+        if param.default is not inspect.Parameter.empty
+    }
+    given = backbone_arguments(hparams.get("net"), hparams.get("preset"), hparams.get("cond_dropout_prob"))
+    return {**defaults, **given, **(recorded or {})}
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -379,6 +403,26 @@ class FlowMatchingModule(L.LightningModule):
             optimizer, lambda step: lr_lambda(step, hp.warmup_steps, total, hp.lr_schedule, hp.min_lr_ratio)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        """Make a restored optimizer and LR schedule follow the current settings.
+
+        Lightning loads the checkpoint's optimizer param groups (lr, betas, eps, weight decay) and the scheduler's
+        ``base_lrs`` over what :meth:`configure_optimizers` built, so a resumed run would keep training with the old
+        values. Here every group gets the current settings and the lr of the next step becomes
+        ``lr · lr_lambda(step)`` with the current warm-up and schedule. With unchanged settings these are the values
+        already there (bit for bit), so an exact resume stays exact; on a fresh run it changes nothing either."""
+        scheduler = self.lr_schedulers()
+        if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):  # e.g. a --lr_scheduler given to the CLI
+            return
+        hp = self.hparams
+        optimizer = self.optimizers(use_pl_optimizer=False)
+        decays = (hp.weight_decay, 0.0)  # the groups of parameter_groups: decayed, not decayed
+        for group, decay in zip(optimizer.param_groups, decays):
+            group.update(initial_lr=hp.lr, betas=tuple(hp.betas), eps=hp.adam_eps, weight_decay=decay)
+        scheduler.base_lrs = [hp.lr] * len(optimizer.param_groups)
+        for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+            group["lr"] = hp.lr * factor(scheduler.last_epoch)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Record the architecture and scan order in plain types next to the weights."""

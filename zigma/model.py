@@ -14,6 +14,8 @@ t ∈ [0, 1] with 0 = noise and 1 = data; the output is a velocity by default. N
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
 from functools import partial
 from typing import Any
@@ -81,6 +83,21 @@ def _init_mamba_style(module: nn.Module, n_layer: int, initializer_range: float 
             module.out_proj.weight /= math.sqrt(n_residuals_per_layer * n_layer)
 
 
+# MambaMixer arguments that ZigMa sets itself; the others may come from ``ssm_cfg``
+_MIXER_ARGS_SET_BY_ZIGMA = ("self", "d_model", "bidirectional", "scan_backend", "backward_dt_bias_reinit", "device",
+                            "dtype")  # fmt: skip
+
+
+def _check_ssm_cfg(ssm_cfg: dict | None) -> None:
+    """Reject an ``ssm_cfg`` key MambaMixer does not take, with the closest accepted one."""
+    accepted = [k for k in inspect.signature(MambaMixer.__init__).parameters if k not in _MIXER_ARGS_SET_BY_ZIGMA]
+    unknown = sorted(set(ssm_cfg or {}) - set(accepted))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], accepted, n=1)
+        hint = f"did you mean {close[0]}?" if close else f"accepted: {', '.join(accepted)}"
+        raise ValueError(f"ssm_cfg: unknown key {unknown[0]!r}; {hint}")
+
+
 def _check_positive(**values: int) -> None:
     for name, value in values.items():
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -139,6 +156,7 @@ class ZigMa(nn.Module):
             raise ValueError(f"patch_size={patch_size} must divide img_dim={img_dim}")
         if use_pe not in (0, 1, 2):
             raise ValueError(f"use_pe must be 0 (none), 1 (fixed sin-cos) or 2 (learned); got {use_pe!r}")
+        _check_ssm_cfg(ssm_cfg)
         if has_text and (not isinstance(d_context, int) or d_context <= 0):
             raise ValueError(
                 f"has_text=True needs d_context > 0 (the caption feature width, e.g. 768); got {d_context!r}"

@@ -1,7 +1,7 @@
 """Bad configurations fail before any training step with a message naming the key (issue 7, deliverable 5).
 
 The CLI runs in-process (``cli.main``) to keep 40 cases fast; tests/e2e/test_cli.py covers the same path in
-subprocesses. Each case must exit with status 2 before the Trainer starts fitting.
+subprocesses. Each case must exit with status 2 and one line of error before the Trainer starts fitting.
 """
 
 from __future__ import annotations
@@ -61,6 +61,8 @@ BAD = [
     ("max_nonfinite", ["--model.max_nonfinite_steps", "0"], "max_nonfinite_steps"),
     ("image_size", ["--data.init_args.image_size", "0"], "data.image_size"),
     ("batch_size", ["--data.init_args.batch_size", "0"], "data.batch_size"),
+    ("predict_count", ["--data.init_args.num_predict_samples", "0"], "data.num_predict_samples must be >= 1; got 0"),
+    ("predict_batch", ["--data.init_args.predict_batch_size", "0"], "data.predict_batch_size must be >= 1; got 0"),
     ("missing_ckpt", ["--ckpt_path", "missing.ckpt"], "ckpt_path='missing.ckpt': file not found"),
     ("missing_config", ["--config", "configs/missing.yaml"], "missing.yaml"),
     ("unknown_key", ["--model.nope", "1"], "nope"),
@@ -86,6 +88,8 @@ def test_bad_configuration_fails_before_training(args, expected, capsys, tmp_pat
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert expected in err, err[-1500:]
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith(("INFO", "Seed set"))]
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines  # one line, no usage dump or traceback
     assert not (tmp_path / "quickstart").exists()  # no run directory: nothing started
 
 
