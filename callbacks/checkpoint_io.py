@@ -174,14 +174,14 @@ def verify_checkpoint(path: str | os.PathLike) -> Any:
     end record). Together they reject a checkpoint overwritten in the zip headers, the pickle, the tensor data or the
     central directory; bytes no reader uses (e.g. alignment padding or time stamps) may differ and are accepted.
 
-    Why CRCs rather than a hash file written beside each checkpoint: (1) they are already in every checkpoint torch
-    has written since the zip format (torch 1.6), so checkpoints from before this check are verified too, not only
-    trusted; (2) there is no second file to keep in step with its checkpoint (atomic pairs, top-k removal, stale
-    records); (3) it is cheaper: on a 1 GiB checkpoint this check took 1.4 s (page cache warm; 1.8 s cold) against
-    2.5 s (4.1 s) for a SHA-256 and 4.8 s (5.9 s) for a BLAKE2b of the file (benchmarks/checkpoint_verify.py). A CRC-32 finds accidental damage (a 2^-32 chance of missing a damaged
-    member), not deliberate tampering; only load checkpoints you trust. An archive with no CRCs (written with
-    ``set_crc32_options(False)``; ``AtomicCheckpointIO`` always records them) is checked by a full load only, with
-    a warning.
+    Why CRCs rather than a hash file written beside each checkpoint: (1) torch's zip writer records them by default
+    (before torch 2.6 always), so checkpoints written before this check are verified too, not only trusted; (2) there
+    is no second file to keep in step with its checkpoint (atomic pairs, top-k removal, stale records); (3) it is
+    cheaper: on a 1 GiB checkpoint this check took 1.4 s (page cache warm; 1.8 s cold) against 2.5 s (4.1 s) for a
+    SHA-256 and 4.8 s (5.9 s) for a BLAKE2b of the file (benchmarks/checkpoint_verify.py). A CRC-32 finds accidental
+    damage (a 2^-32 chance of missing a damaged member), not deliberate tampering; only load checkpoints you trust.
+    An archive with no CRCs (written with ``set_crc32_options(False)``; ``AtomicCheckpointIO`` always records them)
+    is checked by a full load only, with a warning.
     """
     path = Path(path)
     with open(path, "rb") as f:
