@@ -51,7 +51,7 @@ def _loads(path: Path) -> bool:
     try:
         ckpt = verify_checkpoint(path)
     except (CorruptCheckpointError, OSError) as err:
-        log.warning("skipping corrupt checkpoint %s: %s", path, err)
+        log.warning("skipping %s checkpoint %s: %s", _damage(err), path, err)
         return False
     if not (isinstance(ckpt, dict) and "state_dict" in ckpt and "global_step" in ckpt):
         log.warning("skipping %s: not a Lightning checkpoint (no state_dict or global_step)", path)
@@ -80,9 +80,12 @@ def check_checkpoint_path(ckpt_path: str) -> None:
     try:
         verify_checkpoint(ckpt_path)
     except (CorruptCheckpointError, OSError) as err:
-        raise ConfigError(
-            f"ckpt_path={ckpt_path!r}: corrupt checkpoint: {err}; --ckpt_path last resumes from the newest intact one"
-        ) from err
+        raise ConfigError(f"ckpt_path={ckpt_path!r}: {_damage(err)} checkpoint: {err}; --ckpt_path last resumes from "
+                          "the newest intact one") from err  # fmt: skip
+
+
+def _damage(err: Exception) -> str:
+    return "corrupt" if isinstance(err, CorruptCheckpointError) else "unreadable"
 
 
 def slurm_job_tag() -> str | None:

@@ -171,6 +171,23 @@ def test_find_resume_checkpoint_skips_in_place_corruption_with_one_line_each(tmp
     ]
 
 
+def test_a_checkpoint_that_cannot_be_read_is_called_unreadable(tmp_path, monkeypatch, caplog):
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    atomic_torch_save(lightning_like(), path)
+
+    def denied(p):
+        raise PermissionError(errno.EACCES, "Permission denied", str(p))
+
+    monkeypatch.setattr(cli, "verify_checkpoint", denied)
+    with caplog.at_level("WARNING", logger="zigma.cli"):
+        assert cli.find_resume_checkpoint(tmp_path) is None
+    assert [r.getMessage() for r in caplog.records] == [
+        f"skipping unreadable checkpoint {path}: [Errno 13] Permission denied: '{path}'"
+    ]
+    with pytest.raises(cli.ConfigError, match=r"unreadable checkpoint: \[Errno 13\] Permission denied"):
+        cli.check_checkpoint_path(str(path))
+
+
 @pytest.mark.slow
 def test_explicit_corrupt_ckpt_path_fails_in_one_line(saved, tmp_path, capsys, monkeypatch):
     path, _ = saved
