@@ -279,6 +279,23 @@ def test_disk_full_during_fit_stops_with_one_line_and_keeps_the_previous_checkpo
     assert steps[intact.name] == max(steps.values()) > 0
 
 
+def test_main_prints_a_save_failure_in_one_line_and_zigma_debug_shows_the_traceback(monkeypatch, capsys):
+    failure = CheckpointWriteError("no space left on device while saving checkpoint x.ckpt (...)")
+
+    def run_that_fails(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(cli, "ZigMaCLI", run_that_fails)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["fit"])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err == f"error: {failure}\n"
+    monkeypatch.setenv("ZIGMA_DEBUG", "1")
+    with pytest.raises(CheckpointWriteError) as info:
+        cli.main(["fit"])
+    assert info.value is failure
+
+
 def test_fault_helpers_keep_size_and_stay_in_region(saved, tmp_path):
     path, _ = saved
     for region in REGIONS:
