@@ -1,9 +1,10 @@
 """ZigMa command line: ``python cli.py fit|validate|test|predict --config configs/...yaml [--key value ...]``.
 
 A LightningCLI over :class:`zigma.flow_module.FlowMatchingModule` and the DataModules in ``datamodules``. Beyond
-Lightning's defaults it (1) resolves ``--ckpt_path last`` to the newest checkpoint of the run that loads (step
-checkpoints, ``last.ckpt`` and SLURM preemption ``hpc_ckpt_*.ckpt`` alike; a truncated or corrupt newest file is
-reported and skipped), and keeps writing to that run's TensorBoard directory; (2) overwrites the saved
+Lightning's defaults it (1) resolves ``--ckpt_path last`` to the newest intact checkpoint of the run (step
+checkpoints, ``last.ckpt`` and SLURM preemption ``hpc_ckpt_*.ckpt`` alike, each checked against its CRC-32s; a
+truncated or corrupt newest file is reported in one line and skipped; an explicit corrupt path is an error), and
+keeps writing to that run's TensorBoard directory; (2) overwrites the saved
 ``config.yaml`` on resume instead of failing; (3) writes checkpoints atomically (``AtomicCheckpointIO``);
 (4) under SLURM, enables ``SLURMEnvironment(auto_requeue=True)``, pins the run directory to the job id and resumes
 by default, so a preempted job saves, requeues itself and continues the same run; (5) checks that the model fits the
@@ -36,7 +37,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from callbacks import SampleWriter
-from callbacks.checkpoint_io import AtomicCheckpointIO
+from callbacks.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError, CorruptCheckpointError, verify_checkpoint
 from callbacks.evaluation import FIDEvaluation, FVDEvaluation
 from callbacks.slurm import StepBoundaryRequeue
 from datamodules import ZigMaDataModule
@@ -55,17 +56,21 @@ class ConfigError(ValueError):
 
 
 def _loads(path: Path) -> bool:
-    """Whether ``path`` is a complete Lightning checkpoint (loads with weights_only=True and has a step)."""
+    """Whether ``path`` is an intact Lightning checkpoint: every byte matches its recorded CRC-32, it loads with
+    weights_only=True and has a step (``callbacks.checkpoint_io.verify_checkpoint``). Logs one line if not."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # truncated zip, pickle error, ...
-        log.warning("skipping unreadable checkpoint %s: %s", path, str(err).splitlines()[0])
+        ckpt = verify_checkpoint(path)
+    except (CorruptCheckpointError, OSError) as err:
+        log.warning("skipping %s checkpoint %s: %s", _damage(err), path, err)
         return False
-    return isinstance(ckpt, dict) and "state_dict" in ckpt and "global_step" in ckpt
+    if not (isinstance(ckpt, dict) and "state_dict" in ckpt and "global_step" in ckpt):
+        log.warning("skipping %s: not a Lightning checkpoint (no state_dict or global_step)", path)
+        return False
+    return True
 
 
 def find_resume_checkpoint(run_root: Path) -> Path | None:
-    """Newest checkpoint of the runs under ``run_root`` that loads, by modification time.
+    """Newest intact checkpoint of the runs under ``run_root`` (see ``_loads``), by modification time.
 
     Candidates: ``<run>/checkpoints/*.ckpt`` (step checkpoints and ``last.ckpt``) and ``<run>/hpc_ckpt_*.ckpt``
     (SLURM preemption), for every run directory under ``run_root``, plus ``run_root`` itself as a run directory.
@@ -76,6 +81,21 @@ def find_resume_checkpoint(run_root: Path) -> Path | None:
         if _loads(path):
             return path
     return None
+
+
+def check_checkpoint_path(ckpt_path: str) -> None:
+    """An explicit ``--ckpt_path`` must exist and be intact (``verify_checkpoint``), or a one-line ConfigError."""
+    if not Path(ckpt_path).is_file():
+        raise ConfigError(f"ckpt_path={ckpt_path!r}: file not found (or use 'last' to resume the newest run)")
+    try:
+        verify_checkpoint(ckpt_path)
+    except (CorruptCheckpointError, OSError) as err:
+        raise ConfigError(f"ckpt_path={ckpt_path!r}: {_damage(err)} checkpoint: {err}; --ckpt_path last resumes from "
+                          "the newest intact one") from err  # fmt: skip
+
+
+def _damage(err: Exception) -> str:
+    return "corrupt" if isinstance(err, CorruptCheckpointError) else "unreadable"
 
 
 def slurm_job_tag() -> str | None:
@@ -144,8 +164,8 @@ class ZigMaCLI(LightningCLI):
         ckpt_path = cfg.get("ckpt_path")
         if ckpt_path == "last":
             self._resolve_last(sub, cfg)
-        elif ckpt_path and ckpt_path not in ("best", "hpc") and not Path(ckpt_path).is_file():
-            raise ConfigError(f"ckpt_path={ckpt_path!r}: file not found (or use 'last' to resume the newest run)")
+        elif ckpt_path and ckpt_path not in ("best", "hpc"):
+            check_checkpoint_path(ckpt_path)
         self._apply_checkpoint_settings(sub)
 
     def _explicit_model_settings(self, sub: str) -> dict[str, Any]:
@@ -536,6 +556,11 @@ def main(args: list[str] | None = None) -> ZigMaCLI | None:
             raise
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except CheckpointWriteError as err:  # disk full during a save in fit: the run stops, the last checkpoint is kept
+        if os.environ.get("ZIGMA_DEBUG"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

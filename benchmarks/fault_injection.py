@@ -1,7 +1,8 @@
 """SIGKILL fault injection: does every training run survive being killed at random moments?
 
-    python benchmarks/fault_injection.py                      # 20 trials, seed 0
+    python benchmarks/fault_injection.py                      # 20 kill trials and 5 corruption trials, seed 0
     python benchmarks/fault_injection.py --trials 5 --keep runs_faults/
+    python benchmarks/fault_injection.py --trials 0 --corruption-trials 10
 
 Each trial trains ``python cli.py fit --config configs/quickstart.yaml --config tests/e2e/tiny.yaml --config
 tests/e2e/faults.yaml --ckpt_path last`` (12 steps of a tiny model, a checkpoint every step) in a subprocess, SIGKILLs
@@ -16,7 +17,14 @@ file that fails ``torch.load(weights_only=True)``, and whether a torn ``.*.tmp``
 next launch records the step it actually started training from (``tests.e2e.helpers.StateProbe``), which must
 equal that highest loadable step. A trial survives when its last launch exits 0 at max_steps with a
 ``last.ckpt`` at max_steps, no corrupt ``.ckpt`` was ever seen in its run directory and every resume started where it
-should. Steps lost per kill = progress minus the step resumed from (updates that had to be trained again).
+should. Steps lost per kill = progress minus the step resumed from (updates that had to be trained again). "Loads"
+means ``callbacks.checkpoint_io.verify_checkpoint`` passes: every zip member matches its CRC-32.
+
+In-place corruption trials (``--corruption-trials``, issue 13): one run trains ``CORRUPTION_STEPS`` steps, then each
+trial copies it, overwrites 64 bytes in place (same size) in each of the 1-3 newest checkpoints, in a region of the
+zip archive drawn from ``tests.e2e.faults.REGIONS`` (zip header, pickle, tensor data, central directory, end record),
+and relaunches ``--ckpt_path last``. It passes when the launch names every damaged file it passed over in exactly one
+log line, starts training at the step of the newest intact checkpoint and finishes at max_steps.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import datetime
 import os
 import platform
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -39,14 +48,28 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.e2e.faults import MAX_STEPS, MOMENTS, kill_at_random_moment, probed_step, start_resume  # noqa: E402
+from callbacks.checkpoint_io import CorruptCheckpointError, verify_checkpoint  # noqa: E402
+from tests.e2e.faults import (  # noqa: E402
+    MAX_STEPS,
+    MOMENTS,
+    REGIONS,
+    corrupt_in_place,
+    fit_command,
+    kill_at_random_moment,
+    plain_env,
+    probed_step,
+    start,
+    start_resume,
+)
+
+CORRUPTION_STEPS = 6  # the run that corruption trials damage: checkpoints at steps 1..6 and last.ckpt
 
 
 def _load_step(path: Path) -> int | None:
-    """Global step of a checkpoint, or None when it does not load with weights_only=True."""
+    """Global step of a checkpoint, or None when it fails verify_checkpoint (CRC-32s, weights_only load)."""
     try:
-        return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
-    except Exception:
+        return int(verify_checkpoint(path)["global_step"])
+    except (CorruptCheckpointError, OSError):
         return None
 
 
@@ -91,12 +114,55 @@ def trial(index: int, work: Path, rng: random.Random, max_kills: int) -> dict:
             "wrong_resume": wrong_resume, "leftover_tmp": len(list(runs.rglob(".*.tmp")))}  # fmt: skip
 
 
+def corruption_trial(index: int, base: Path, work: Path, rng: random.Random) -> dict:
+    """Copy the trained run ``base``, damage its 1..3 newest checkpoints in place, resume with ``--ckpt_path last``."""
+    work.mkdir(parents=True)
+    runs = work / "runs"
+    shutil.copytree(base, runs)
+    newest_first = sorted(runs.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
+    damaged = {}
+    for path in newest_first[: rng.randint(1, 3)]:
+        region = rng.choice(REGIONS)
+        corrupt_in_place(path, region, rng)
+        damaged[path] = region
+    expected = next(_load_step(p) for p in newest_first if p not in damaged)
+    proc = start_resume(runs, work / "launch.log", work / "probe.pt")
+    rc = proc.wait()
+    text = (work / "launch.log").read_text()
+    lines = text.splitlines()
+    named = {path: sum(f"skipping corrupt checkpoint {path}: " in line for line in lines) for path in damaged}
+    resumed = probed_step(work / "probe.pt")
+    finished = rc == 0 and f"`max_steps={MAX_STEPS}` reached" in text
+    return {"trial": index, "damaged": {p.name: r for p, r in damaged.items()}, "expected": expected,
+            "resumed": resumed, "named_once": all(n == 1 for n in named.values()), "finished": finished,
+            "passed": finished and resumed == expected and all(n == 1 for n in named.values())}  # fmt: skip
+
+
+def run_corruption_trials(count: int, work: Path, rng: random.Random) -> list[dict]:
+    if count == 0:
+        return []
+    base = work / "corruption_base"
+    proc = start(fit_command(base, "--trainer.max_steps", str(CORRUPTION_STEPS)), work / "corruption_base.log",
+                 plain_env())  # fmt: skip
+    if proc.wait() != 0:
+        raise SystemExit(f"the run to corrupt failed: see {work / 'corruption_base.log'}")
+    results = []
+    for i in range(count):
+        result = corruption_trial(i, base, work / f"corrupt{i:02d}", rng)
+        results.append(result)
+        damage = ", ".join(f"{name} ({region})" for name, region in result["damaged"].items())
+        print(f"corruption trial {i:2d}: {'passed' if result['passed'] else 'FAILED'}; damaged {damage}; resumed at "
+              f"step {result['resumed']} (newest intact: {result['expected']})", flush=True)  # fmt: skip
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-kills", type=int, default=3, help="kills per trial are drawn from 1..max-kills")
     parser.add_argument("--keep", type=Path, default=None, help="keep the runs here (default: a deleted temp dir)")
+    parser.add_argument("--corruption-trials", type=int, default=5, help="in-place corruption trials (issue 13)")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
@@ -110,7 +176,10 @@ def main() -> None:
             detail = ", ".join(f"{k['moment']}@{k['at_s']:.1f}s step {k['progress']}->{k['resumable']}"
                                + (" (in a write)" if k["torn"] else "") for k in result["kills"])  # fmt: skip
             print(f"trial {i:2d}: {'survived' if result['survived'] else 'FAILED'}; {detail}", flush=True)
-    elapsed = time.monotonic() - started
+        elapsed = time.monotonic() - started
+        corruption_started = time.monotonic()
+        corruptions = run_corruption_trials(args.corruption_trials, work, rng)
+        corruption_elapsed = time.monotonic() - corruption_started
 
     kills = [k for r in results for k in r["kills"]]
     lost = [k["lost"] for k in kills]
@@ -131,7 +200,20 @@ def main() -> None:
           f"| {sum(k['resumed'] == k['resumable'] for k in checked)}/{len(checked)} "
           f"| {sum(lost)} / {sum(lost) / max(1, len(lost)):.2f} / {max(lost, default=0)} "
           f"| {sum(r['leftover_tmp'] for r in results)} | {elapsed:.0f} s |")  # fmt: skip
-    if not all(r["survived"] for r in results):
+    if corruptions:
+        regions = [region for c in corruptions for region in c["damaged"].values()]
+        print()
+        print(f"In-place corruption ({CORRUPTION_STEPS}-step run, 64 bytes overwritten per damaged checkpoint):")
+        print()
+        print("| trials | damaged checkpoints (by region) | passed | each damaged file named in one line "
+              "| resumed at the newest intact step | wall time |")  # fmt: skip
+        print("|---|---|---|---|---|---|")
+        print(f"| {len(corruptions)} | {len(regions)} ({', '.join(f'{r} {regions.count(r)}' for r in REGIONS)}) "
+              f"| {sum(c['passed'] for c in corruptions)}/{len(corruptions)} "
+              f"| {sum(c['named_once'] for c in corruptions)}/{len(corruptions)} "
+              f"| {sum(c['resumed'] == c['expected'] for c in corruptions)}/{len(corruptions)} "
+              f"| {corruption_elapsed:.0f} s |")  # fmt: skip
+    if not all(r["survived"] for r in results) or not all(c["passed"] for c in corruptions):
         sys.exit(1)
 
 

@@ -1,6 +1,7 @@
-"""SIGKILL fault injection, shared by ``tests/e2e/test_slurm_faults.py`` (a few seeded kills) and
+"""Fault injection, shared by ``tests/e2e/test_slurm_faults.py`` (a few seeded faults) and
 ``benchmarks/fault_injection.py`` (many trials): launch ``cli.py fit --ckpt_path last`` on the tiny fault config
-(``tests/e2e/faults.yaml``: 12 steps, a checkpoint every step) and kill it at a moment drawn from a seeded RNG.
+(``tests/e2e/faults.yaml``: 12 steps, a checkpoint every step) and kill it at a moment drawn from a seeded RNG, or
+overwrite bytes of a checkpoint in place (same size) in a chosen region of its zip archive.
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ import os
 import random
 import re
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import torch
@@ -23,6 +26,7 @@ FAULTS = [*QUICKSTART, "--config", "tests/e2e/faults.yaml"]
 MAX_STEPS = 12  # tests/e2e/faults.yaml
 MOMENTS = ("startup", "steps", "write")
 STEP_FILE = re.compile(r"^\.?step(\d+)\.ckpt")  # step000007.ckpt and its temporary .step000007.ckpt.<rand>.tmp
+REGIONS = ("zip header", "pickle", "tensor data", "central directory", "end record")
 
 
 def plain_env(**extra: str) -> dict[str, str]:
@@ -95,3 +99,55 @@ def kill_at_random_moment(runs: Path, log: Path, probe: Path, moment: str, rng: 
     steps = [int(m.group(1)) for n in new if (m := STEP_FILE.match(n))]
     return {"moment": moment, "at_s": round(time.monotonic() - launched, 2), "progress": max(steps, default=0),
             "torn": sorted(n for n in new if n.endswith(".tmp"))}  # fmt: skip
+
+
+def _member_data_span(path: Path, info: zipfile.ZipInfo) -> tuple[int, int]:
+    """[start, end) of a stored member's bytes: after its local header (30 bytes + name + extra field, which torch
+    uses to pad tensor data to its alignment)."""
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        header = struct.unpack("<4s5H3L2H", f.read(30))
+    start = info.header_offset + 30 + header[9] + header[10]
+    return start, start + info.compress_size
+
+
+def region_span(path: Path, region: str) -> tuple[int, int]:
+    """[start, end) of a ``region`` (one of ``REGIONS``) of a ``torch.save`` zip archive: the first local header,
+    the pickle's bytes, the largest tensor storage's bytes, the central directory, the end-of-archive records."""
+    with zipfile.ZipFile(path) as archive:
+        infos = archive.infolist()
+        directory_start = archive.start_dir
+    if region == "zip header":
+        return 0, 30
+    if region == "pickle":
+        return _member_data_span(path, next(i for i in infos if i.filename.endswith("/data.pkl")))
+    if region == "tensor data":
+        return _member_data_span(path, max((i for i in infos if "/data/" in i.filename), key=lambda i: i.file_size))
+    size = path.stat().st_size
+    records = size - 22  # end of central directory record (no archive comment), after any zip64 records
+    with open(path, "rb") as f:
+        f.seek(directory_start)
+        while f.tell() < records and f.read(4) == b"PK\x01\x02":  # central directory entries
+            f.seek(f.tell() + 24)
+            name, extra, comment = struct.unpack("<3H", f.read(6))
+            f.seek(f.tell() + 12 + name + extra + comment)
+        directory_end = f.tell() - (0 if f.tell() >= records else 4)
+    if region == "central directory":
+        return directory_start, directory_end
+    if region == "end record":
+        return directory_end, size
+    raise ValueError(f"region={region!r}: one of {REGIONS}")
+
+
+def corrupt_in_place(path: Path, region: str, rng: random.Random, nbytes: int = 64) -> int:
+    """Overwrite ``nbytes`` (fewer if the region is smaller) at a random place inside ``region`` of the checkpoint
+    ``path`` with different bytes, keeping its size and everything else; returns the offset."""
+    start, end = region_span(path, region)
+    nbytes = min(nbytes, end - start)
+    offset = rng.randrange(start, end - nbytes + 1)
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        old = f.read(nbytes)
+        f.seek(offset)
+        f.write(bytes(b ^ rng.randrange(1, 256) for b in old))  # every byte changes
+    return offset

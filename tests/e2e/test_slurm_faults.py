@@ -41,9 +41,10 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import cli
-from callbacks.checkpoint_io import AtomicCheckpointIO, atomic_torch_save, remove_stale_temporaries
+from callbacks.checkpoint_io import AtomicCheckpointIO, atomic_torch_save, remove_stale_temporaries, verify_checkpoint
 from tests.e2e.faults import (
     MAX_STEPS,
+    corrupt_in_place,
     fit_command,
     kill_at_random_moment,
     plain_env,
@@ -99,8 +100,8 @@ def wait_until(condition, proc: subprocess.Popen, timeout: float = 180, what: st
 
 
 def global_step(path: Path) -> int:
-    """``global_step`` of a checkpoint that must load with ``weights_only=True``."""
-    return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
+    """``global_step`` of a checkpoint that must be intact (CRC-32s) and load with ``weights_only=True``."""
+    return int(verify_checkpoint(path)["global_step"])
 
 
 def checkpoint_steps(root: Path) -> dict[Path, int]:
@@ -187,28 +188,41 @@ def test_find_resume_checkpoint_prefers_newest_loadable_of_hpc_and_last(tmp_path
     newest.write_bytes(b"\x00" * 100)  # a torn or garbage newest file
     with caplog.at_level("WARNING", logger="zigma.cli"):
         assert cli.find_resume_checkpoint(tmp_path) == run_dir / "hpc_ckpt_1.ckpt"
-    assert [r.getMessage().startswith(f"skipping unreadable checkpoint {newest}: ") for r in caplog.records] == [True]
+    assert [r.getMessage().startswith(f"skipping corrupt checkpoint {newest}: ") for r in caplog.records] == [True]
 
 
 @pytest.mark.slow
 def test_corrupt_newest_checkpoints_are_reported_and_resume_uses_previous_good(tmp_path):
+    """last.ckpt overwritten in place inside tensor data (same size; torch.load reads it without complaint), step 4
+    overwritten in its pickle, step 3 truncated mid-write, step 2 garbage (all newer than step 1 now): the resume names
+    each once with the reason and starts from step 1, the newest intact checkpoint."""
     runs = tmp_path / "runs"
     run(fit_command(runs, "--trainer.max_steps", "4"), tmp_path / "first.log", plain_env())
     ckpts = runs / "quickstart" / "version_0" / "checkpoints"
-    last, step4 = ckpts / "last.ckpt", ckpts / "step000004.ckpt"
-    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # truncated mid-write
-    step4.write_bytes(os.urandom(4096))  # garbage
-    assert global_step(ckpts / "step000003.ckpt") == 3
+    last, step4, step3, step2 = (ckpts / n for n in ("last.ckpt", "step000004.ckpt", "step000003.ckpt",
+                                                     "step000002.ckpt"))  # fmt: skip
+    rng = random.Random(0)
+    corrupt_in_place(last, "tensor data", rng)
+    assert torch.load(last, weights_only=True)["global_step"] == 4  # the old "does it load" check trusted this
+    corrupt_in_place(step4, "pickle", rng)
+    step3.write_bytes(step3.read_bytes()[: step3.stat().st_size // 2])  # truncated mid-write
+    step2.write_bytes(os.urandom(4096))  # garbage
     probe = tmp_path / "probe.pt"
     out = run(fit_command(runs, "--ckpt_path", "last", "--trainer.max_steps", "6",
                           "--trainer.callbacks+=tests.e2e.helpers.StateProbe"),
               tmp_path / "resume.log", plain_env(ZIGMA_STATE_PROBE=str(probe)))  # fmt: skip
-    for bad in (last, step4):
+    reasons = {last: "CRC-32 mismatch in archive/data/", step4: "CRC-32 mismatch in archive/data.pkl",
+               step3: "not a readable zip archive", step2: "not a readable zip archive"}  # fmt: skip
+    for bad, reason in reasons.items():
         lines = [line for line in out.splitlines() if str(bad) in line]
-        assert len(lines) == 1 and lines[0].startswith("WARNING") and "unreadable checkpoint" in lines[0], lines
-    assert f"ckpt_path=last -> {ckpts / 'step000003.ckpt'}" in out
-    assert torch.load(probe, weights_only=True)["global_step"] == 3
-    assert global_step(last) == 6  # the resumed run replaced the torn last.ckpt
+        assert len(lines) == 1 and lines[0].startswith(f"WARNING zigma.cli: skipping corrupt checkpoint {bad}: "
+                                                       f"{reason}"), lines  # fmt: skip
+    assert f"ckpt_path=last -> {ckpts / 'step000001.ckpt'}" in out
+    assert torch.load(probe, weights_only=True)["global_step"] == 1
+    # Lightning's ModelCheckpoint does not overwrite a last.ckpt that the checkpoint it resumed from did not know
+    # (step 1 was saved before the first last.ckpt): it writes last-v1.ckpt and leaves the damaged file in place
+    newest_last = max(ckpts.glob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
+    assert global_step(newest_last) == 6
 
 
 # ------------------------------------------------------------------------------------------ SLURM requeue, simulated
