@@ -38,6 +38,7 @@ import torch
 from webdataset.handlers import reraise_exception
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
+from datamodules.errors import BadSampleBudgetExceeded
 from datamodules.manifest import read_manifest
 
 log = logging.getLogger("zigma.data")
@@ -243,18 +244,20 @@ class BadSampleBudget:
         """Count one bad sample (or unreadable shard), log it, and raise once more than ``max_bad`` were seen.
 
         Raises:
-            RuntimeError: the budget is exceeded; names ``shard``, ``key`` and the error.
+            BadSampleBudgetExceeded: the budget is exceeded; one line naming ``max_bad_samples``, the count,
+                ``shard``, ``key`` and the error.
         """
         self.count += 1
         text = str(error.args[0]) if error.args else str(error)  # webdataset appends (stream, url) to args
-        message = f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+        first_line = text.strip().splitlines()[0] if text.strip() else ""
+        message = f"{type(error).__name__}: {first_line}"
         if len(self.errors) < 10:
             self.errors.append((shard, key, message))
         where = f" ({self.where})" if self.where else ""
         if self.count > self.max_bad:
-            raise RuntimeError(
-                f"more than max_bad_samples={self.max_bad} bad samples{where}; the last: shard {shard} key {key}: "
-                f"{message}. Check or rewrite that shard, or raise data.max_bad_samples"
+            raise BadSampleBudgetExceeded(
+                f"{self.count} bad samples, more than max_bad_samples={self.max_bad}{where}; the last: shard {shard} "
+                f"key {key}: {message}. Check or rewrite that shard, or raise data.max_bad_samples"
             ) from error
         log.warning("skipping bad sample %d/%d%s: shard %s key %s: %s", self.count, self.max_bad, where, shard, key,
                     message)  # fmt: skip

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from datamodules.errors import BadSampleBudgetExceeded
 from datamodules.shards import (
     BadSampleBudget,
     batched,
@@ -156,8 +157,12 @@ def test_skip_bad_samples_counts_logs_then_raises(caplog):
         kept = list(skip_bad_samples(samples, decode, budget))
     assert kept == [i for i in range(100) if i % 10 != 3] and budget.count == 10
     assert "shard shard-7.tar key 93" in caplog.text
-    with pytest.raises(RuntimeError, match=r"max_bad_samples=9 .*shard shard-7.tar key 93"):
-        list(skip_bad_samples(samples, decode, BadSampleBudget(9)))
+    with pytest.raises(BadSampleBudgetExceeded) as raised:
+        list(skip_bad_samples(samples, decode, BadSampleBudget(9, "rank 0, worker 1, epoch 2")))
+    assert str(raised.value) == (
+        "10 bad samples, more than max_bad_samples=9 (rank 0, worker 1, epoch 2); the last: shard shard-7.tar key 93: "
+        "ValueError: corrupt. Check or rewrite that shard, or raise data.max_bad_samples"
+    )
 
 
 def test_read_shards_truncated_tar_and_corrupt_npy(make_shards, caplog):
@@ -182,7 +187,7 @@ def test_read_shards_truncated_tar_and_corrupt_npy(make_shards, caplog):
     assert values == [0, 1, 2, 3, 4, 8, 10, 11]
     assert f"shard {truncated} key after 000004" in caplog.text and "unexpected end of data" in caplog.text
     assert f"shard {corrupt} key 000009" in caplog.text
-    with pytest.raises(RuntimeError, match=f"max_bad_samples=1 .*{corrupt}"):
+    with pytest.raises(BadSampleBudgetExceeded, match=f"max_bad_samples=1; .*{corrupt}"):
         budget = BadSampleBudget(1)
         list(skip_bad_samples(read_shards([good, truncated, corrupt], budget), decode, budget))
     assert count_shard_samples(good) == 4
