@@ -136,6 +136,16 @@ def resample_shards(shards: Sequence[str], rng: np.random.Generator) -> Iterator
 
 
 # ---------------------------------------------------------------------------------------------------- sample counts
+def _sample_prefixes(tar: tarfile.TarFile) -> Iterator[str]:
+    """The sample key of each data member of ``tar`` in order (metadata and non-file members skipped)."""
+    for info in tar:
+        if not info.isreg() or _META.match(info.name):
+            continue
+        prefix, _ = base_plus_ext(info.name)
+        if prefix is not None:
+            yield prefix
+
+
 def count_shard_samples(path: str) -> int:
     """Samples (distinct consecutive keys) in the tar file ``path``, from its member headers only (no data read).
 
@@ -144,15 +154,38 @@ def count_shard_samples(path: str) -> int:
     count, last = 0, None
     try:
         with tarfile.open(path, "r:") as tar:  # random access: iterating seeks over member data
-            for info in tar:
-                if not info.isreg() or _META.match(info.name):
-                    continue
-                prefix, _ = base_plus_ext(info.name)
-                if prefix is not None and prefix != last:
+            for prefix in _sample_prefixes(tar):
+                if prefix != last:
                     count, last = count + 1, prefix
     except (OSError, tarfile.TarError) as err:
         log.warning("counting samples of %s: stopped after %d samples: %s", path, count, err)
     return count
+
+
+def complete_shard_keys(path: str | os.PathLike) -> list[str]:
+    """The sample keys, in order, of the tar file ``path``, which must be whole; from its member headers only.
+
+    Whole means: every member's data is there and the end-of-archive marker (two zero blocks) follows the last
+    member. ``tarfile`` stops silently at a file cut exactly between two members; the missing marker catches it.
+
+    Raises:
+        tarfile.ReadError: the file is cut short (inside a member, or between members) or is not a tar.
+        OSError: the file cannot be read.
+    """
+    keys: list[str] = []
+    with tarfile.open(path, "r:") as tar:  # raises ReadError for a cut inside a member's data
+        for prefix in _sample_prefixes(tar):
+            if not keys or keys[-1] != prefix:
+                keys.append(prefix)
+        last = tar.getmembers()[-1] if tar.getmembers() else None
+    blocks = 0 if last is None else -(-last.size // tarfile.BLOCKSIZE)  # data padded to whole blocks
+    end = 0 if last is None else last.offset_data + blocks * tarfile.BLOCKSIZE
+    with open(path, "rb") as f:
+        f.seek(end)
+        marker = f.read(2 * tarfile.BLOCKSIZE)
+    if marker != bytes(2 * tarfile.BLOCKSIZE):
+        raise tarfile.ReadError(f"no end-of-archive marker after byte {end} (the file is cut short)")
+    return keys
 
 
 def manifest_counts(shards: Sequence[str]) -> dict[str, int]:
@@ -163,7 +196,7 @@ def manifest_counts(shards: Sequence[str]) -> dict[str, int]:
         contribute nothing (an invalid manifest is reported and ignored).
     """
     wanted = set(shards)
-    counts: dict[str, int] = {}
+    counts: dict[str, int] = {}  # from complete splits only: an interrupted prepare run's records are provisional
     for directory in sorted({os.path.dirname(s) for s in shards}):
         try:
             manifest = read_manifest(directory or ".")
@@ -173,6 +206,8 @@ def manifest_counts(shards: Sequence[str]) -> dict[str, int]:
             log.warning("ignoring the manifest of %s (counting samples from the tar headers): %s", directory, err)
             continue
         for split in manifest["splits"].values():
+            if not split["complete"]:
+                continue
             for entry in split["shards"]:
                 path = os.path.join(directory, entry["name"])
                 if path in wanted:
@@ -249,7 +284,7 @@ class BadSampleBudget:
         """
         self.count += 1
         text = str(error.args[0]) if error.args else str(error)  # webdataset appends (stream, url) to args
-        first_line = text.strip().splitlines()[0] if text.strip() else ""
+        first_line = text.strip().splitlines()[0].rstrip(".") if text.strip() else ""
         message = f"{type(error).__name__}: {first_line}"
         if len(self.errors) < 10:
             self.errors.append((shard, key, message))

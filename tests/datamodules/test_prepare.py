@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import tarfile
 from pathlib import Path
@@ -219,6 +220,41 @@ def test_prepare_resume_rewrites_only_missing_shards(image_dir, tmp_path, run):
 
     with pytest.raises(ValueError, match="resolution"):  # other settings into the same directory are refused
         main(["images", str(image_dir), "--out", str(out), "--latents", "none", "--resolution", "8", "--quiet"])
+
+
+def tar_members(path: Path) -> list[tuple[tarfile.TarInfo, bytes]]:
+    with tarfile.open(path) as tar:
+        return [(info, tar.extractfile(info).read()) for info in tar]
+
+
+def test_prepare_rerun_rewrites_a_cut_or_short_shard_without_blaming_its_inputs(image_dir, tmp_path, run, caplog):
+    # issue 13: a shard cut exactly between two tar members read as a whole tar of fewer samples, and the rerun
+    # listed the rest of its (valid) inputs as unreadable and exited 0
+    out = tmp_path / "out"
+    run("images", image_dir, out, "--labels", "folders")
+    shards = sorted(out.glob("train-*.tar"))
+    before = {p.name: p.read_bytes() for p in shards}
+    members = tar_members(shards[0])
+    cut = next(info.offset for info, _ in members if info.name.startswith("00000003."))
+    os.truncate(shards[0], cut)  # exactly between two members: no end-of-archive marker
+    kept = tar_members(shards[1])[:12]  # 3 samples of 4 members each
+    with tarfile.open(shards[1], "w") as tar:  # a whole tar of fewer samples than the manifest recorded (5)
+        for info, data in kept:
+            tar.addfile(info, io.BytesIO(data))
+    dead = out / ".train-000002.tar.999999999-0a1b2c3d.tmp"  # a stale temporary file: pid 999999999 cannot run
+    live = out / f".train-000002.tar.{os.getpid()}-0a1b2c3d.tmp"  # one of a process that still runs
+    dead.write_bytes(b"part of a shard")
+    live.write_bytes(b"part of a shard")
+    with caplog.at_level(logging.INFO, logger="zigma.data.prepare"):
+        manifest = run("images", image_dir, out, "--labels", "folders")
+    split = manifest["splits"]["train"]
+    assert split["complete"] and split["count"] == 12 and split["bad"] == 0 and split["bad_paths"] == []
+    assert [s["count"] for s in split["shards"]] == [5, 5, 2]
+    assert {p.name: p.read_bytes() for p in shards} == before  # both rewritten, byte for byte
+    assert f"{shards[0]} is damaged (no end-of-archive marker after byte {cut}" in caplog.text
+    assert f"{shards[1]} holds 3 samples, the manifest recorded 5" in caplog.text
+    assert "skipped unreadable input" not in caplog.text
+    assert not dead.exists() and live.exists()
 
 
 def test_prepare_workers_match_single_worker(image_dir, tmp_path, run):
