@@ -298,23 +298,45 @@ class BadSampleBudget:
                     message)  # fmt: skip
 
 
+def _ends_with_marker(stream: Any) -> bool:
+    """Whether the seekable tar ``stream`` ends with the two zero blocks that close every whole tar (the stream is
+    left at its start). A file cut exactly between two members ends with a member's data instead (unless that data
+    ends with 1024 zero bytes: then the cut goes unnoticed, as tar's own reading would)."""
+    size = stream.seek(0, os.SEEK_END)
+    stream.seek(max(0, size - 2 * tarfile.BLOCKSIZE))
+    whole = size >= 2 * tarfile.BLOCKSIZE and stream.read() == bytes(2 * tarfile.BLOCKSIZE)
+    stream.seek(0)
+    return whole
+
+
 def read_shards(shards: Iterable[str], budget: BadSampleBudget) -> Iterator[dict[str, Any]]:
     """Raw samples ``{"__key__": str, "__url__": shard, <suffix>: bytes}`` of the tar files ``shards``, in order.
 
     A shard that cannot be opened or read to its end is charged once to ``budget`` (with the last key read before
     the damage) and reading goes on with the next shard. The samples before the damage are kept, except the last
-    one: a sample is complete only once the next one starts.
+    one: a sample is complete only once the next one starts. A shard cut exactly between two members (tar itself
+    reads it as a shorter whole file) is damage too: it lacks the end-of-archive marker.
     """
     for url in shards:
-        key = "<first sample>"
+        key, held, error = "<first sample>", None, None  # held: the latest sample, yielded once the next starts
         try:
             with open(url, "rb") as stream:
+                whole = _ends_with_marker(stream)
                 files = tar_file_expander([{"url": url, "stream": stream}], handler=reraise_exception)
                 for sample in group_by_keys(files, handler=reraise_exception):
-                    key = f"after {sample['__key__']}"
-                    yield sample
-        except Exception as err:  # a truncated tar, a missing file, an I/O error
-            budget.record(url, key, err)
+                    if held is not None:
+                        key = f"after {held['__key__']}"
+                        yield held
+                    held = sample
+                if not whole:  # cut between members: the last sample may miss some
+                    held, error = None, tarfile.ReadError("no end-of-archive marker: the file is cut short")
+        except Exception as err:  # a truncated tar, a missing file, an I/O error (the sample being read is dropped)
+            error = err
+        if held is not None:
+            key = f"after {held['__key__']}"
+            yield held
+        if error is not None:
+            budget.record(url, key, error)
 
 
 def skip_bad_samples(samples: Iterable[dict[str, Any]], decode: Callable[[dict[str, Any]], dict[str, Any]],
