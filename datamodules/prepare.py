@@ -752,18 +752,19 @@ def _run_task(task: ShardTask) -> ShardResult:
     return write_shard(task, _WORKER_STATE["vae"], _WORKER_STATE["caption_tail"], _WORKER_STATE["clip"])
 
 
-def _worker_context(captions: bool = False) -> multiprocessing.context.BaseContext:
+def _worker_context(captions: bool = False, vae: bool = True) -> multiprocessing.context.BaseContext:
     """Fresh worker processes, never forks of this one (which may hold a CUDA context or OpenMP threads).
 
     ``forkserver`` where available: one clean server process imports the heavy dependencies once, and every worker
     is forked from it; else ``spawn`` (each worker imports them itself). Not this module itself: under ``python -m``
-    the workers run it as ``__mp_main__``, and runpy warns when it is imported already.
+    the workers run it as ``__mp_main__``, and runpy warns when it is imported already. diffusers only with a VAE
+    (``vae``), transformers only with a caption encoder (``captions``).
     """
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
-    preload = ["datamodules", "datamodules.manifest", "zigma.vae", "webdataset", "diffusers"]
-    context.set_forkserver_preload(preload + (["transformers"] if captions else []))
+    preload = ["datamodules", "datamodules.manifest", "zigma.vae", "webdataset"]
+    context.set_forkserver_preload(preload + (["diffusers"] if vae else []) + (["transformers"] if captions else []))
     return context
 
 
@@ -856,7 +857,7 @@ def prepare(
                 collect(write_shard(task, vae, caption_tail, clip))
         elif todo:
             threads = max(1, (os.cpu_count() or 1) // workers)
-            context = _worker_context(captions=clip_kwargs is not None)
+            context = _worker_context(captions=clip_kwargs is not None, vae=vae_kwargs is not None)
             init_args = (vae_kwargs, caption_tail, threads, clip_kwargs)
             pool = concurrent.futures.ProcessPoolExecutor(
                 workers, mp_context=context, initializer=_init_worker, initargs=init_args
