@@ -291,7 +291,8 @@ class BadSampleBudget:
         where = f" ({self.where})" if self.where else ""
         if self.count > self.max_bad:
             raise BadSampleBudgetExceeded(
-                f"{self.count} bad samples, more than max_bad_samples={self.max_bad}{where}; the last: shard {shard} "
+                f"{self.count} bad sample{'s' if self.count > 1 else ''}, more than max_bad_samples={self.max_bad}"
+                f"{where}; the last: shard {shard} "
                 f"key {key}: {message}. Check or rewrite that shard, or raise data.max_bad_samples"
             ) from error
         log.warning("skipping bad sample %d/%d%s: shard %s key %s: %s", self.count, self.max_bad, where, shard, key,

@@ -302,7 +302,7 @@ def test_damage_in_the_first_shard_is_skipped_within_the_budget_like_anywhere_el
     with pytest.raises(BadSampleBudgetExceeded) as raised:
         WebDataModule(shards, batch_size=1, num_workers=0, latent_scale=1, max_bad_samples=0)
     message = str(raised.value)
-    assert message.startswith(f"1 bad samples, more than max_bad_samples=0 (reading the data's shapes); the last: "
+    assert message.startswith(f"1 bad sample, more than max_bad_samples=0 (reading the data's shapes); the last: "
                               f"shard {shards[0]} key {key}: ")  # fmt: skip
     assert message.endswith(". Check or rewrite that shard, or raise data.max_bad_samples") and "\n" not in message
 
@@ -317,7 +317,7 @@ def test_an_exceeded_budget_is_one_line_in_the_main_process_and_from_workers(mak
         epoch_indices(dm.train_dataloader())
     worker = 1 if num_workers == 2 else 0
     message = str(raised.value)  # numpy's error text varies with its version: the rest is exact
-    assert message.startswith(f"1 bad samples, more than max_bad_samples=0 (rank 0, worker {worker}, epoch 0); the "
+    assert message.startswith(f"1 bad sample, more than max_bad_samples=0 (rank 0, worker {worker}, epoch 0); the "
                               f"last: shard {shards[3]} key 000013: ValueError: ")  # fmt: skip
     assert message.endswith(". Check or rewrite that shard, or raise data.max_bad_samples") and "\n" not in message
 
