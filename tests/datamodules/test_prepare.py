@@ -251,6 +251,9 @@ def test_prepare_rerun_rewrites_a_cut_or_short_shard_without_blaming_its_inputs(
     live = out / f".train-000002.tar.{os.getpid()}-0a1b2c3d.tmp"  # one of a process that still runs
     dead.write_bytes(b"part of a shard")
     live.write_bytes(b"part of a shard")
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["splits"]["train"]["complete"] = False  # as a rerun killed after it started leaves it: the per-shard
+    (out / "manifest.json").write_text(json.dumps(manifest))  # counts of the last complete run are kept
     with caplog.at_level(logging.INFO, logger="zigma.data.prepare"):
         manifest = run("images", image_dir, out, "--labels", "folders")
     split = manifest["splits"]["train"]

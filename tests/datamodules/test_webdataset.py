@@ -21,7 +21,7 @@ from PIL import Image
 
 from datamodules.errors import BadSampleBudgetExceeded
 from datamodules.manifest import write_manifest
-from datamodules.shards import sample_rng
+from datamodules.shards import manifest_counts, sample_rng
 from datamodules.webdataset import _CAPTION, VideoWebDataModule, WebDataModule
 
 
@@ -196,6 +196,9 @@ def test_manifest_counts_replace_the_header_scan(make_shards):
     dm = attach(WebDataModule(shards, batch_size=4, num_workers=2, latent_scale=1))
     loader = dm.train_dataloader()
     assert loader.stream.quotas == [1, 2] and len(epoch_indices(loader)) == 12
+    manifest["splits"]["train"]["complete"] = False  # what an interrupted prepare run leaves: provisional counts
+    write_manifest(Path(shards[0]).parent, manifest)
+    assert manifest_counts(shards) == {}
 
 
 # ------------------------------------------------------------------------------------------------------ epochs
