@@ -41,6 +41,7 @@ from callbacks.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError, Co
 from callbacks.evaluation import FIDEvaluation, FVDEvaluation
 from callbacks.slurm import StepBoundaryRequeue
 from datamodules import ZigMaDataModule
+from datamodules.errors import DataError
 from zigma.flow_module import ARCHITECTURE_SETTINGS, RUNTIME_NET_KEYS, FlowMatchingModule, saved_architecture
 
 log = logging.getLogger("zigma.cli")
@@ -556,7 +557,8 @@ def main(args: list[str] | None = None) -> ZigMaCLI | None:
             raise
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    except CheckpointWriteError as err:  # disk full during a save in fit: the run stops, the last checkpoint is kept
+    except (CheckpointWriteError, DataError) as err:  # a run stopped by its disk (full during a save: the last good
+        # checkpoint is kept) or by its data (more damaged samples than data.max_bad_samples): one line, exit 1
         if os.environ.get("ZIGMA_DEBUG"):
             raise
         print(f"error: {err}", file=sys.stderr)

@@ -43,12 +43,15 @@ Each sample, with key ``f"{index:08d}"`` (its position in the sorted input list)
 - ``cls``: the class id as decimal text; ``caption_feature.npy``: the caption features (N_cap, L, d) in ``--dtype``;
   ``src.txt``: the input's path relative to ``SRC`` (or to the list file).
 
-Shards are ``DIR/{split}-{000000..}.tar``, ``--shard-size`` inputs each; each is written under ``<name>.tmp`` and
-renamed when complete. A rerun skips shards whose final file exists and rewrites the others, so an interrupted run
-resumes; settings or inputs that differ from the directory's manifest are refused. Unreadable inputs are logged with
-their path and skipped, up to ``--max-bad`` in all; one more stops the run with an error. ``DIR/manifest.json``
-(``datamodules.manifest``) records the settings, the VAE's ``config()``, the caption encoder's ``config()``
-(``caption_encoder``, with ``--clip``), the classes, shapes and per-shard counts.
+Shards are ``DIR/{split}-{000000..}.tar``, ``--shard-size`` inputs each; each is written under a temporary name unique
+to the writing process (``.<name>.<pid>-<random>.tmp``) and renamed when complete. A rerun skips shards whose final
+file is whole (its end-of-archive marker is there, and it holds the samples the manifest recorded for it) and rewrites
+the others, so an interrupted run resumes and a damaged or cut shard is rewritten, its inputs not blamed; it removes
+the temporary files of processes that no longer run. Settings or inputs that differ from the directory's manifest are
+refused. Worker processes (``--workers N``) end with the process that started them, however it ends (SIGKILL too).
+Unreadable inputs are logged with their path and skipped, up to ``--max-bad`` in all; one more stops the run with an
+error. ``DIR/manifest.json`` (``datamodules.manifest``) records the settings, the VAE's ``config()``, the caption
+encoder's ``config()`` (``caption_encoder``, with ``--clip``), the classes, shapes and per-shard sample counts.
 """
 
 from __future__ import annotations
@@ -62,11 +65,14 @@ import io
 import json
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import re
+import secrets
 import shlex
 import sys
 import tarfile
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -88,6 +94,7 @@ from datamodules.manifest import (
     settings_of,
     write_manifest,
 )
+from datamodules.shards import complete_shard_keys
 from zigma.images import resize_center_crop
 from zigma.vae import DEFAULT_VAE, SD_LATENT_SCALE, FrozenVAE
 
@@ -572,12 +579,13 @@ def write_shard(task: ShardTask, vae: FrozenVAE | None, caption_tail: tuple[int,
     """
     opts = task.options
     final = Path(opts.out) / task.name
-    tmp = final.with_name(final.name + ".tmp")
+    tmp = temp_path(final)
     bad: list[tuple[str, str]] = []
     count = 0
     per_call = opts.batch_size if opts.kind == "images" else 1
+    _OPEN_TEMPS.add(tmp)
     try:
-        with open(tmp, "wb") as stream:
+        with open(tmp, "xb") as stream:
             with wds.TarWriter(stream, encoder=False, mtime=0) as sink:  # fixed mtime: reproducible bytes
                 for chunk in _chunks(task.items, per_call):
                     loaded = []
@@ -616,7 +624,48 @@ def write_shard(task: ShardTask, vae: FrozenVAE | None, caption_tail: tuple[int,
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        _OPEN_TEMPS.discard(tmp)
     return ShardResult(task.name, count, bad, written=True)
+
+
+# Temporary files this process is writing: a worker whose parent died removes them before it exits.
+_OPEN_TEMPS: set[Path] = set()
+_TEMP_NAME = re.compile(r"\.(?P<final>.+)\.(?P<pid>\d+)-[0-9a-f]+\.tmp")
+
+
+def temp_path(final: Path) -> Path:
+    """A hidden temporary name beside ``final``, unique to this process and call: ``.<name>.<pid>-<random>.tmp``.
+
+    Unique so that two processes never write one file (a rerun and a straggler of a killed run); the pid lets a
+    later run tell a dead process's leftovers (``remove_stale_temps``) from a live one's.
+    """
+    return final.with_name(f".{final.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temps(out: Path, split: str) -> list[Path]:
+    """Delete the temporary shard files of ``split`` in ``out`` whose writing process no longer runs (and the fixed
+    ``<name>.tmp`` names of earlier versions of this tool); returns them."""
+    removed = []
+    for path in sorted(out.glob(f".{split}-*.tar.*.tmp")) + sorted(out.glob(f"{split}-*.tar.tmp")):
+        match = _TEMP_NAME.fullmatch(path.name)
+        if match is not None and _pid_alive(int(match["pid"])):
+            continue
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    if removed:
+        log.info("removed %d temporary files of interrupted runs (%s, ...)", len(removed), removed[0].name)
+    return removed
 
 
 def _encode_captions(loaded: list[tuple[Item, dict[str, Any]]], clip: CLIPCaptionEncoder | None,
@@ -635,17 +684,27 @@ def _encode_captions(loaded: list[tuple[Item, dict[str, Any]]], clip: CLIPCaptio
             start += len(item.captions)
 
 
-def read_done_shard(task: ShardTask) -> ShardResult | None:
-    """The result of a shard an earlier run completed (its bad inputs are those whose key it lacks); None if the
-    file is unreadable (it is then rewritten)."""
+def read_done_shard(task: ShardTask, recorded: Mapping[str, Any] | None = None) -> ShardResult | None:
+    """The result of a shard an earlier run completed (its bad inputs are those whose key it lacks), or None if the
+    file is not whole and must be rewritten (its inputs are then read again, not blamed).
+
+    Whole: ``complete_shard_keys`` reads it to its end-of-archive marker, it holds only keys of ``task``'s inputs,
+    and as many samples as ``recorded`` (the manifest's entry for it, ``{"name", "count", ...}``) says, if given.
+    A file cut exactly between two members passes tar's own reading; the marker and the count catch it.
+    """
     path = Path(task.options.out) / task.name
-    keys = set()
     try:
-        with tarfile.open(path, "r:") as tar:
-            for info in tar:
-                keys.add(Path(info.name).name.split(".", 1)[0])
+        keys = set(complete_shard_keys(path))
     except (OSError, tarfile.TarError) as err:
-        log.warning("%s cannot be read (%s); rewriting it", path, err)
+        log.warning("%s is damaged (%s); rewriting it", path, err)
+        return None
+    expected = {sample_key(it.index) for it in task.items}
+    if keys - expected:
+        log.warning("%s holds samples of other inputs (%s, ...); rewriting it", path, sorted(keys - expected)[0])
+        return None
+    if recorded is not None and len(keys) != int(recorded["count"]):
+        log.warning("%s holds %d samples, the manifest recorded %d (damaged or cut short); rewriting it", path,
+                    len(keys), recorded["count"])  # fmt: skip
         return None
     bad = [(it.rel, "unreadable (in an earlier run)") for it in task.items if sample_key(it.index) not in keys]
     return ShardResult(task.name, len(task.items) - len(bad), bad, written=False)
@@ -657,28 +716,55 @@ _WORKER_STATE: dict[str, Any] = {}
 
 def _init_worker(vae_kwargs: dict[str, Any] | None, caption_tail: tuple[int, ...] | None, threads: int,
                  clip_kwargs: dict[str, Any] | None = None) -> None:  # fmt: skip
+    exit_with_parent()
     torch.set_num_threads(threads)
     _WORKER_STATE["vae"] = FrozenVAE(**vae_kwargs) if vae_kwargs is not None else None
     _WORKER_STATE["caption_tail"] = caption_tail
     _WORKER_STATE["clip"] = CLIPCaptionEncoder(**clip_kwargs) if clip_kwargs is not None else None
 
 
+def exit_with_parent() -> None:
+    """In a worker process: end this process as soon as the process that started it ends, however it ends
+    (SIGKILL included), removing the temporary file it was writing.
+
+    A daemon thread waits on ``multiprocessing.parent_process().sentinel``, a file descriptor that turns readable
+    when the parent's end of it closes, which the kernel does when the parent dies; the thread then exits the
+    process. It runs while the main thread decodes or encodes (those release the GIL) and costs nothing while it
+    waits. Not ``prctl(PR_SET_PDEATHSIG)``: under the ``forkserver`` start method the worker's parent is the fork
+    server, not the ``prepare`` process, and the fork server lives on as long as any worker holds its "alive" pipe,
+    so the signal would never come; under ``spawn`` it would fire when the thread that started the worker ends,
+    which is not the process. Nor polling ``os.getppid()``: under ``forkserver`` it is the fork server's pid.
+    """
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def wait_then_exit() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        for tmp in list(_OPEN_TEMPS):
+            tmp.unlink(missing_ok=True)
+        os._exit(1)
+
+    threading.Thread(target=wait_then_exit, name="exit-with-parent", daemon=True).start()
+
+
 def _run_task(task: ShardTask) -> ShardResult:
     return write_shard(task, _WORKER_STATE["vae"], _WORKER_STATE["caption_tail"], _WORKER_STATE["clip"])
 
 
-def _worker_context(captions: bool = False) -> multiprocessing.context.BaseContext:
+def _worker_context(captions: bool = False, vae: bool = True) -> multiprocessing.context.BaseContext:
     """Fresh worker processes, never forks of this one (which may hold a CUDA context or OpenMP threads).
 
     ``forkserver`` where available: one clean server process imports the heavy dependencies once, and every worker
     is forked from it; else ``spawn`` (each worker imports them itself). Not this module itself: under ``python -m``
-    the workers run it as ``__mp_main__``, and runpy warns when it is imported already.
+    the workers run it as ``__mp_main__``, and runpy warns when it is imported already. diffusers only with a VAE
+    (``vae``), transformers only with a caption encoder (``captions``).
     """
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
-    preload = ["datamodules", "datamodules.manifest", "zigma.vae", "webdataset", "diffusers"]
-    context.set_forkserver_preload(preload + (["transformers"] if captions else []))
+    preload = ["datamodules", "datamodules.manifest", "zigma.vae", "webdataset"]
+    context.set_forkserver_preload(preload + (["diffusers"] if vae else []) + (["transformers"] if captions else []))
     return context
 
 
@@ -732,13 +818,15 @@ def prepare(
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     manifest = _start_manifest(out, settings, opts, inputs, command)
+    recorded = {entry["name"]: entry for entry in manifest["splits"][opts.split]["shards"]}
+    remove_stale_temps(out, opts.split)
 
     tasks = [ShardTask(s, tuple(inputs.items[i : i + opts.shard_size]), opts)
              for s, i in enumerate(range(0, len(inputs.items), opts.shard_size))]  # fmt: skip
     results: dict[str, ShardResult] = {}
     todo = []
     for task in tasks:
-        done = read_done_shard(task) if (out / task.name).is_file() else None
+        done = read_done_shard(task, recorded.get(task.name)) if (out / task.name).is_file() else None
         if done is not None:
             results[task.name] = done
         else:
@@ -769,7 +857,7 @@ def prepare(
                 collect(write_shard(task, vae, caption_tail, clip))
         elif todo:
             threads = max(1, (os.cpu_count() or 1) // workers)
-            context = _worker_context(captions=clip_kwargs is not None)
+            context = _worker_context(captions=clip_kwargs is not None, vae=vae_kwargs is not None)
             init_args = (vae_kwargs, caption_tail, threads, clip_kwargs)
             pool = concurrent.futures.ProcessPoolExecutor(
                 workers, mp_context=context, initializer=_init_worker, initargs=init_args
@@ -887,8 +975,14 @@ def _settings(opts: Options, inputs: Inputs, vae: FrozenVAE | None,
 def _start_manifest(out: Path, settings: dict[str, Any], opts: Options, inputs: Inputs,
                     command: str | None) -> dict[str, Any]:  # fmt: skip
     """The manifest with this split marked incomplete, written before any shard; refuses a directory whose manifest
-    has other settings, or this split with other inputs or shard size."""
+    has other settings, or this split with other inputs or shard size.
+
+    The split's ``shards`` keep what earlier runs recorded (name and sample count of each shard they wrote), so that
+    this run, and a rerun after it is interrupted, can check the shards on disk against them; a completed run
+    replaces them. Readers use the counts of complete splits only (``datamodules.shards.manifest_counts``).
+    """
     fingerprint = inputs.fingerprint()
+    earlier: list[dict[str, Any]] = []
     if (out / MANIFEST_NAME).is_file():
         manifest = read_manifest(out)
         old = settings_of(manifest)
@@ -910,6 +1004,7 @@ def _start_manifest(out: Path, settings: dict[str, Any], opts: Options, inputs: 
                 f"{fingerprint['count']}, {opts.shard_size}); the sample -> shard assignment would change. Use "
                 f"another --split or --out, or delete {opts.split}-*.tar"
             )
+        earlier = previous["shards"] if previous is not None else []
     else:
         strays = sorted(out.glob(f"{opts.split}-*.tar"))
         if strays:
@@ -924,7 +1019,7 @@ def _start_manifest(out: Path, settings: dict[str, Any], opts: Options, inputs: 
         "bad": 0,
         "bad_paths": [],
         "shard_size": opts.shard_size,
-        "shards": [],
+        "shards": earlier,
         "inputs": fingerprint,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": command if command is not None else shlex.join([sys.executable, *sys.argv]),

@@ -38,6 +38,7 @@ import torch
 from webdataset.handlers import reraise_exception
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
+from datamodules.errors import BadSampleBudgetExceeded
 from datamodules.manifest import read_manifest
 
 log = logging.getLogger("zigma.data")
@@ -135,6 +136,16 @@ def resample_shards(shards: Sequence[str], rng: np.random.Generator) -> Iterator
 
 
 # ---------------------------------------------------------------------------------------------------- sample counts
+def _sample_prefixes(tar: tarfile.TarFile) -> Iterator[str]:
+    """The sample key of each data member of ``tar`` in order (metadata and non-file members skipped)."""
+    for info in tar:
+        if not info.isreg() or _META.match(info.name):
+            continue
+        prefix, _ = base_plus_ext(info.name)
+        if prefix is not None:
+            yield prefix
+
+
 def count_shard_samples(path: str) -> int:
     """Samples (distinct consecutive keys) in the tar file ``path``, from its member headers only (no data read).
 
@@ -143,15 +154,38 @@ def count_shard_samples(path: str) -> int:
     count, last = 0, None
     try:
         with tarfile.open(path, "r:") as tar:  # random access: iterating seeks over member data
-            for info in tar:
-                if not info.isreg() or _META.match(info.name):
-                    continue
-                prefix, _ = base_plus_ext(info.name)
-                if prefix is not None and prefix != last:
+            for prefix in _sample_prefixes(tar):
+                if prefix != last:
                     count, last = count + 1, prefix
     except (OSError, tarfile.TarError) as err:
         log.warning("counting samples of %s: stopped after %d samples: %s", path, count, err)
     return count
+
+
+def complete_shard_keys(path: str | os.PathLike) -> list[str]:
+    """The sample keys, in order, of the tar file ``path``, which must be whole; from its member headers only.
+
+    Whole means: every member's data is there and the end-of-archive marker (two zero blocks) follows the last
+    member. ``tarfile`` stops silently at a file cut exactly between two members; the missing marker catches it.
+
+    Raises:
+        tarfile.ReadError: the file is cut short (inside a member, or between members) or is not a tar.
+        OSError: the file cannot be read.
+    """
+    keys: list[str] = []
+    with tarfile.open(path, "r:") as tar:  # raises ReadError for a cut inside a member's data
+        for prefix in _sample_prefixes(tar):
+            if not keys or keys[-1] != prefix:
+                keys.append(prefix)
+        last = tar.getmembers()[-1] if tar.getmembers() else None
+    blocks = 0 if last is None else -(-last.size // tarfile.BLOCKSIZE)  # data padded to whole blocks
+    end = 0 if last is None else last.offset_data + blocks * tarfile.BLOCKSIZE
+    with open(path, "rb") as f:
+        f.seek(end)
+        marker = f.read(2 * tarfile.BLOCKSIZE)
+    if marker != bytes(2 * tarfile.BLOCKSIZE):
+        raise tarfile.ReadError(f"no end-of-archive marker after byte {end} (the file is cut short)")
+    return keys
 
 
 def manifest_counts(shards: Sequence[str]) -> dict[str, int]:
@@ -162,7 +196,7 @@ def manifest_counts(shards: Sequence[str]) -> dict[str, int]:
         contribute nothing (an invalid manifest is reported and ignored).
     """
     wanted = set(shards)
-    counts: dict[str, int] = {}
+    counts: dict[str, int] = {}  # from complete splits only: an interrupted prepare run's records are provisional
     for directory in sorted({os.path.dirname(s) for s in shards}):
         try:
             manifest = read_manifest(directory or ".")
@@ -172,6 +206,8 @@ def manifest_counts(shards: Sequence[str]) -> dict[str, int]:
             log.warning("ignoring the manifest of %s (counting samples from the tar headers): %s", directory, err)
             continue
         for split in manifest["splits"].values():
+            if not split["complete"]:
+                continue
             for entry in split["shards"]:
                 path = os.path.join(directory, entry["name"])
                 if path in wanted:
@@ -243,21 +279,35 @@ class BadSampleBudget:
         """Count one bad sample (or unreadable shard), log it, and raise once more than ``max_bad`` were seen.
 
         Raises:
-            RuntimeError: the budget is exceeded; names ``shard``, ``key`` and the error.
+            BadSampleBudgetExceeded: the budget is exceeded; one line naming ``max_bad_samples``, the count,
+                ``shard``, ``key`` and the error.
         """
         self.count += 1
         text = str(error.args[0]) if error.args else str(error)  # webdataset appends (stream, url) to args
-        message = f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+        first_line = text.strip().splitlines()[0].rstrip(".") if text.strip() else ""
+        message = f"{type(error).__name__}: {first_line}"
         if len(self.errors) < 10:
             self.errors.append((shard, key, message))
         where = f" ({self.where})" if self.where else ""
         if self.count > self.max_bad:
-            raise RuntimeError(
-                f"more than max_bad_samples={self.max_bad} bad samples{where}; the last: shard {shard} key {key}: "
-                f"{message}. Check or rewrite that shard, or raise data.max_bad_samples"
+            raise BadSampleBudgetExceeded(
+                f"{self.count} bad sample{'s' if self.count > 1 else ''}, more than max_bad_samples={self.max_bad}"
+                f"{where}; the last: shard {shard} "
+                f"key {key}: {message}. Check or rewrite that shard, or raise data.max_bad_samples"
             ) from error
         log.warning("skipping bad sample %d/%d%s: shard %s key %s: %s", self.count, self.max_bad, where, shard, key,
                     message)  # fmt: skip
+
+
+def _ends_with_marker(stream: Any) -> bool:
+    """Whether the seekable tar ``stream`` ends with the two zero blocks that close every whole tar (the stream is
+    left at its start). A file cut exactly between two members ends with a member's data instead (unless that data
+    ends with 1024 zero bytes: then the cut goes unnoticed, as tar's own reading would)."""
+    size = stream.seek(0, os.SEEK_END)
+    stream.seek(max(0, size - 2 * tarfile.BLOCKSIZE))
+    whole = size >= 2 * tarfile.BLOCKSIZE and stream.read() == bytes(2 * tarfile.BLOCKSIZE)
+    stream.seek(0)
+    return whole
 
 
 def read_shards(shards: Iterable[str], budget: BadSampleBudget) -> Iterator[dict[str, Any]]:
@@ -265,18 +315,29 @@ def read_shards(shards: Iterable[str], budget: BadSampleBudget) -> Iterator[dict
 
     A shard that cannot be opened or read to its end is charged once to ``budget`` (with the last key read before
     the damage) and reading goes on with the next shard. The samples before the damage are kept, except the last
-    one: a sample is complete only once the next one starts.
+    one: a sample is complete only once the next one starts. A shard cut exactly between two members (tar itself
+    reads it as a shorter whole file) is damage too: it lacks the end-of-archive marker.
     """
     for url in shards:
-        key = "<first sample>"
+        key, held, error = "<first sample>", None, None  # held: the latest sample, yielded once the next starts
         try:
             with open(url, "rb") as stream:
+                whole = _ends_with_marker(stream)
                 files = tar_file_expander([{"url": url, "stream": stream}], handler=reraise_exception)
                 for sample in group_by_keys(files, handler=reraise_exception):
-                    key = f"after {sample['__key__']}"
-                    yield sample
-        except Exception as err:  # a truncated tar, a missing file, an I/O error
-            budget.record(url, key, err)
+                    if held is not None:
+                        key = f"after {held['__key__']}"
+                        yield held
+                    held = sample
+                if not whole:  # cut between members: the last sample may miss some
+                    held, error = None, tarfile.ReadError("no end-of-archive marker: the file is cut short")
+        except Exception as err:  # a truncated tar, a missing file, an I/O error (the sample being read is dropped)
+            error = err
+        if held is not None:
+            key = f"after {held['__key__']}"
+            yield held
+        if error is not None:
+            budget.record(url, key, error)
 
 
 def skip_bad_samples(samples: Iterable[dict[str, Any]], decode: Callable[[dict[str, Any]], dict[str, Any]],

@@ -39,7 +39,11 @@ Distribution (each step is a function in ``datamodules.shards``):
 - Per-sample draws (horizontal flip, caption index, video start frame) are functions of (seed, epoch, pass, sample key)
   (``sample_rng``): one caption per sample, not per batch, and the same whatever the worker or rank that reads it.
 - ``max_bad_samples`` bounds the unreadable samples (and tar files) per worker and epoch; each is logged with its
-  shard and key, and one more raises an error that names the shard.
+  shard and key, and one more raises ``datamodules.errors.BadSampleBudgetExceeded``: one line naming the budget, the
+  count, the last shard, key and error. A DataLoader worker hands it to the main process as an item, which
+  ``ShardLoader`` raises there unchanged (torch would wrap it in the worker's traceback).
+- At construction the data's shapes are read from the first decodable sample, in shard order, under the same budget:
+  damage at the start of the first shard is skipped (and logged) as anywhere else.
 
 Epochs: Lightning calls ``loader.sampler.set_epoch(epoch)`` at each epoch start; used on its own, every new iterator
 starts the next epoch. Workers are not persistent: they are started for each epoch and receive its number.
@@ -75,6 +79,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from datamodules.base import ZigMaDataModule
+from datamodules.errors import DataError
 from datamodules.manifest import read_manifest
 from datamodules.shards import (
     BadSampleBudget,
@@ -102,7 +107,6 @@ log = logging.getLogger("zigma.data")
 Kind = Literal["latent", "image"]
 _FLIP, _CAPTION, _CROP, _NOISE = 0, 1, 2, 3  # per-sample draw streams
 _SHUFFLE, _RESAMPLE = 10, 11  # per-worker streams
-_PROBE_SAMPLES = 8  # samples of the first shard tried when reading the data's shapes at construction
 
 
 def _pick(sample: dict[str, Any], spec: str) -> bytes:
@@ -325,7 +329,8 @@ class ShardStream(IterableDataset):
                 f"ShardStream planned for {self.num_workers} worker(s) runs in a DataLoader with {num_workers}; "
                 "build it through WebDataModule.train_dataloader()"
             )
-        return self.worker_batches(worker, self.epoch)
+        batches = self.worker_batches(worker, self.epoch)
+        return batches if info is None else _data_errors_as_items(batches)
 
     def _pass_shards(self, worker: int, epoch: int, repeat: int) -> Iterator[str] | list[str]:
         if self.resampled:
@@ -365,6 +370,19 @@ class ShardStream(IterableDataset):
             if not self.expect_wrap:
                 log.warning("%s: %d of %d batches after reading all its shards (bad samples?); wrapping around",
                             where, done, quota)  # fmt: skip
+
+
+def _data_errors_as_items(batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any] | DataError]:
+    """In a DataLoader worker: ``batches``, and a ``DataError`` they raise as a last item instead of raising it.
+
+    torch re-raises a worker's exception in the main process as a new one whose message is the worker's whole
+    traceback; as an item the error arrives pickled, type and one-line message intact, and ``ShardLoader`` raises it.
+    """
+    try:
+        yield from batches
+    except DataError as err:
+        err.__cause__ = err.__context__ = None  # its message names the cause; the worker's frames stay there
+        yield err
 
 
 class ShardLoader:
@@ -417,6 +435,8 @@ class ShardLoader:
     def _batches(self, loader: DataLoader, expected: int, skip: int) -> Iterator[dict[str, Any]]:
         count = 0
         for batch in loader:
+            if isinstance(batch, DataError):  # a worker's data fault (``_data_errors_as_items``)
+                raise batch
             count += 1
             if count <= skip:  # fast-forward to the restored position: read, decoded, dropped
                 continue
@@ -488,27 +508,27 @@ class _ShardDataModule(ZigMaDataModule):
         self.epoch_length = epoch_length
         self.max_bad_samples = max_bad_samples
         self._counts: dict[str, int] = {}
-        shapes = self._probe(self.shards[0])
+        shapes = self._probe(self.shards)
         decoder.expect(shapes)
         if decoder.kind in ("latent", "video"):
             _check_latent_scale(self.shards, decoder.latent_scale)
 
-    def _probe(self, shard: str) -> dict[str, tuple[int, ...]]:
-        """Shapes of the first decodable sample of ``shard`` (validates the keys at construction)."""
-        budget = BadSampleBudget(_PROBE_SAMPLES, "reading the data's shapes")
-        errors: list[str] = []
-        try:
-            for sample in itertools.islice(read_shards([shard], budget), _PROBE_SAMPLES):
-                try:
-                    out = self.decoder(sample)
-                except Exception as err:
-                    errors.append(f"{sample['__key__']}: {err}")
-                    continue
-                return {k: tuple(v.shape) if isinstance(v, torch.Tensor) else () for k, v in out.items()}
-        except RuntimeError as err:
-            errors.append(str(err))
-        detail = "; ".join(errors[:2]) or "no samples"
-        raise ValueError(f"data.shards: cannot read a sample from {shard}: {detail}")
+    def _probe(self, shards: Sequence[str]) -> dict[str, tuple[int, ...]]:
+        """Shapes of the first decodable sample of ``shards`` (validates the keys at construction).
+
+        Reads in shard order as a worker does (``read_shards`` + ``skip_bad_samples``), under a budget of
+        ``max_bad_samples``: unreadable shards and samples before the first good one are logged with shard and key
+        and skipped, so damage at the start of the first shard is treated as anywhere else.
+
+        Raises:
+            BadSampleBudgetExceeded: more than ``max_bad_samples`` bad samples before a good one (one line).
+            ValueError: every sample of every shard is bad, within the budget (names the first error).
+        """
+        budget = BadSampleBudget(self.max_bad_samples, "reading the data's shapes")
+        for out in skip_bad_samples(read_shards(shards, budget), self.decoder, budget):
+            return {k: tuple(v.shape) if isinstance(v, torch.Tensor) else () for k, v in out.items()}
+        first = "no samples" if not budget.errors else "first: shard {} key {}: {}".format(*budget.errors[0])
+        raise ValueError(f"data.shards: cannot read a sample from {len(shards)} shard(s) ({first})")
 
     def rank_and_world(self) -> tuple[int, int]:
         """(rank, world size) from ``torch.distributed`` if initialised, else the attached trainer, else (0, 1)."""

@@ -3,10 +3,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import logging
 import os
+import signal
+import subprocess
+import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +22,7 @@ from PIL import Image
 
 from datamodules.manifest import check_manifest, read_manifest
 from datamodules.prepare import center_crop, main, sample_generator, to_pixels
+from tests.e2e.helpers import ROOT
 from zigma.vae import FrozenVAE
 
 pytest.importorskip("diffusers", reason="prepare encodes with FrozenVAE (diffusers' AutoencoderKL)")
@@ -219,6 +226,111 @@ def test_prepare_resume_rewrites_only_missing_shards(image_dir, tmp_path, run):
 
     with pytest.raises(ValueError, match="resolution"):  # other settings into the same directory are refused
         main(["images", str(image_dir), "--out", str(out), "--latents", "none", "--resolution", "8", "--quiet"])
+
+
+def tar_members(path: Path) -> list[tuple[tarfile.TarInfo, bytes]]:
+    with tarfile.open(path) as tar:
+        return [(info, tar.extractfile(info).read()) for info in tar]
+
+
+def test_prepare_rerun_rewrites_a_cut_or_short_shard_without_blaming_its_inputs(image_dir, tmp_path, run, caplog):
+    # issue 13: a shard cut exactly between two tar members read as a whole tar of fewer samples, and the rerun
+    # listed the rest of its (valid) inputs as unreadable and exited 0
+    out = tmp_path / "out"
+    run("images", image_dir, out, "--labels", "folders")
+    shards = sorted(out.glob("train-*.tar"))
+    before = {p.name: p.read_bytes() for p in shards}
+    members = tar_members(shards[0])
+    cut = next(info.offset for info, _ in members if info.name.startswith("00000003."))
+    os.truncate(shards[0], cut)  # exactly between two members: no end-of-archive marker
+    kept = tar_members(shards[1])[:12]  # 3 samples of 4 members each
+    with tarfile.open(shards[1], "w") as tar:  # a whole tar of fewer samples than the manifest recorded (5)
+        for info, data in kept:
+            tar.addfile(info, io.BytesIO(data))
+    dead = out / ".train-000002.tar.999999999-0a1b2c3d.tmp"  # a stale temporary file: pid 999999999 cannot run
+    live = out / f".train-000002.tar.{os.getpid()}-0a1b2c3d.tmp"  # one of a process that still runs
+    dead.write_bytes(b"part of a shard")
+    live.write_bytes(b"part of a shard")
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["splits"]["train"]["complete"] = False  # as a rerun killed after it started leaves it: the per-shard
+    (out / "manifest.json").write_text(json.dumps(manifest))  # counts of the last complete run are kept
+    with caplog.at_level(logging.INFO, logger="zigma.data.prepare"):
+        manifest = run("images", image_dir, out, "--labels", "folders")
+    split = manifest["splits"]["train"]
+    assert split["complete"] and split["count"] == 12 and split["bad"] == 0 and split["bad_paths"] == []
+    assert [s["count"] for s in split["shards"]] == [5, 5, 2]
+    assert {p.name: p.read_bytes() for p in shards} == before  # both rewritten, byte for byte
+    assert f"{shards[0]} is damaged (no end-of-archive marker after byte {cut}" in caplog.text
+    assert f"{shards[1]} holds 3 samples, the manifest recorded 5" in caplog.text
+    assert "skipped unreadable input" not in caplog.text
+    assert not dead.exists() and live.exists()
+
+
+def descendants(pid: int) -> set[int]:
+    """The pids of the processes under ``pid`` (children, their children, ...), from ``/proc``."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(stat.parent.name)] = int(fields[1])  # fields after "(comm)": state, ppid, ...
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def running(pids: set[int]) -> set[int]:
+    """Those of ``pids`` that still run (not gone, not zombies)."""
+    alive = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                alive.add(pid)
+    return alive
+
+
+@pytest.mark.slow  # a prepare subprocess with 2 workers: ~20 s of imports
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process tree from /proc")
+def test_prepare_workers_end_with_a_killed_parent_and_a_rerun_completes(image_dir, tmp_path):
+    # issue 13: after a SIGKILL of a `--workers 2` prepare its workers kept running, writing under fixed temp names.
+    # One input is a FIFO that nobody writes: the worker that reads it blocks in open() (like a hung network file
+    # system), mid-shard, so the kill surely finds a worker at work.
+    slow = image_dir / "slow.png"
+    os.mkfifo(slow)
+    rows = [*sorted(p.relative_to(image_dir).as_posix() for p in image_dir.rglob("*.*") if p.is_file()), "slow.png"]
+    (image_dir / "list.csv").write_text("path\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    argv = ["images", str(image_dir / "list.csv"), "--out", str(out), "--latents", "none", "--resolution", "16",
+            "--shard-size", "2", "--quiet"]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "datamodules.prepare", *argv, "--workers", "2"], cwd=ROOT,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    tree: set[int] = set()
+    try:
+        for _ in range(1200):  # the FIFO's shard (train-000006: 13 inputs) started: a worker is blocked in it
+            if list(out.glob(".train-000006.tar.*.tmp")) or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, f"prepare ended before the kill: {proc.stderr.read()}"
+        tree = descendants(proc.pid)
+        proc.kill()
+        proc.wait()
+        for _ in range(100):
+            if not running(tree):
+                break
+            time.sleep(0.1)
+        assert not running(tree), "processes of the killed prepare still run"
+        assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))  # the workers removed their temp files
+    finally:
+        for pid in running(tree):  # only on failure: the processes this test started
+            os.kill(pid, signal.SIGKILL)
+        proc.stderr.close()
+    slow.unlink()
+    smooth_image(99, (20, 20)).save(slow)
+    manifest = main(argv)  # the rerun, in this process
+    split = manifest["splits"]["train"]
+    assert split["complete"] and split["count"] == 13 and split["bad"] == 0
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json"] + [f"train-{i:06d}.tar" for i in range(7)]
 
 
 def test_prepare_workers_match_single_worker(image_dir, tmp_path, run):

@@ -19,8 +19,9 @@ import pytest
 import torch
 from PIL import Image
 
+from datamodules.errors import BadSampleBudgetExceeded
 from datamodules.manifest import write_manifest
-from datamodules.shards import sample_rng
+from datamodules.shards import manifest_counts, sample_rng
 from datamodules.webdataset import _CAPTION, VideoWebDataModule, WebDataModule
 
 
@@ -195,6 +196,9 @@ def test_manifest_counts_replace_the_header_scan(make_shards):
     dm = attach(WebDataModule(shards, batch_size=4, num_workers=2, latent_scale=1))
     loader = dm.train_dataloader()
     assert loader.stream.quotas == [1, 2] and len(epoch_indices(loader)) == 12
+    manifest["splits"]["train"]["complete"] = False  # what an interrupted prepare run leaves: provisional counts
+    write_manifest(Path(shards[0]).parent, manifest)
+    assert manifest_counts(shards) == {}
 
 
 # ------------------------------------------------------------------------------------------------------ epochs
@@ -270,6 +274,55 @@ def test_bad_samples_are_skipped_within_budget_and_raise_past_it(make_shards, ca
     dm = attach(WebDataModule(shards, batch_size=4, num_workers=0, latent_scale=1, max_bad_samples=1))
     with pytest.raises(RuntimeError, match=r"more than max_bad_samples=1 .*shard .*train-00000[12]\.tar"):
         epoch_indices(dm.train_dataloader())
+
+
+def overwrite_npy(shard: str, key: str, garbage: bytes = b"garbage!") -> None:
+    """Overwrite the npy magic of sample ``key``'s latent in ``shard`` (same size: a bit flip on disk)."""
+    with open(shard, "r+b") as f:
+        data = f.read()
+        f.seek(data.index(b"\x93NUMPY", data.index(f"{key}.img_feature256.npy".encode())))
+        f.write(garbage)
+
+
+@pytest.mark.parametrize("damage", ["whole_shard", "first_sample"])
+def test_damage_in_the_first_shard_is_skipped_within_the_budget_like_anywhere_else(make_shards, caplog, damage):
+    # issue 13: the start-up shape probe read only the first shard and stopped training on its damage
+    shards = make_shards([4, 4, 4])
+    if damage == "whole_shard":  # random bytes over all of shard 0 (same size)
+        size = os.path.getsize(shards[0])
+        Path(shards[0]).write_bytes(np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes())
+        key, lost = "<first sample>", set(range(4))
+    else:
+        overwrite_npy(shards[0], "000000")
+        key, lost = "000000", {0}
+    with caplog.at_level(logging.WARNING, logger="zigma.data"):
+        dm = attach(WebDataModule(shards, batch_size=1, num_workers=0, latent_scale=1, shuffle_buffer=0,
+                                  max_bad_samples=1))  # fmt: skip
+    assert dm.sample_shape == (4, 4, 4)
+    assert f"skipping bad sample 1/1 (reading the data's shapes): shard {shards[0]} key {key}" in caplog.text
+    got = epoch_indices(dm.train_dataloader())
+    assert set(got) == set(range(12)) - lost  # the stream skips the same damage (and wraps around for its quota)
+    with pytest.raises(BadSampleBudgetExceeded) as raised:
+        WebDataModule(shards, batch_size=1, num_workers=0, latent_scale=1, max_bad_samples=0)
+    message = str(raised.value)
+    assert message.startswith(f"1 bad sample, more than max_bad_samples=0 (reading the data's shapes); the last: "
+                              f"shard {shards[0]} key {key}: ")  # fmt: skip
+    assert message.endswith(". Check or rewrite that shard, or raise data.max_bad_samples") and "\n" not in message
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_an_exceeded_budget_is_one_line_in_the_main_process_and_from_workers(make_shards, num_workers):
+    # issue 13: from a DataLoader worker torch re-raised it wrapped in the worker's traceback (124 lines at the CLI)
+    shards = make_shards([4, 4, 4, 4])
+    overwrite_npy(shards[3], "000013")  # shard 3: worker 1 of 2 (``split_shards``), worker 0 of 1
+    dm = attach(WebDataModule(shards, batch_size=2, num_workers=num_workers, latent_scale=1, max_bad_samples=0))
+    with pytest.raises(BadSampleBudgetExceeded) as raised:
+        epoch_indices(dm.train_dataloader())
+    worker = 1 if num_workers == 2 else 0
+    message = str(raised.value)  # numpy's error text varies with its version: the rest is exact
+    assert message.startswith(f"1 bad sample, more than max_bad_samples=0 (rank 0, worker {worker}, epoch 0); the "
+                              f"last: shard {shards[3]} key 000013: ValueError: ")  # fmt: skip
+    assert message.endswith(". Check or rewrite that shard, or raise data.max_bad_samples") and "\n" not in message
 
 
 def test_construction_errors_name_the_setting(make_shards):

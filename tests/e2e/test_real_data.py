@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -141,3 +142,30 @@ def test_manifest_rejects_a_mismatched_model(latent_shards, tiny_vae_dir, tmp_pa
                runs=tmp_path, check=False)  # fmt: skip
     assert proc.returncode == 2
     assert "does not match the data's manifest" in proc.stderr and "scale" in proc.stderr
+
+
+def test_a_damaged_sample_past_the_budget_stops_fit_with_one_line(latent_shards, tiny_vae_dir, tmp_path):
+    """One latent in the second shard is garbage and ``max_bad_samples=0``: the run (which must reach that shard:
+    4 steps of 2 over 7 good samples) exits 1 with one ``error:`` line naming the budget and the shard, no traceback."""
+    import shutil
+    import tarfile
+
+    shards = tmp_path / "shards"
+    shutil.copytree(latent_shards, shards)
+    damaged = shards / "train-000001.tar"
+    with tarfile.open(damaged) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    first_latent = next(m.name for m, _ in members if m.name.endswith("latent.npy"))
+    with tarfile.open(damaged, "w") as tar:
+        for member, data in members:
+            if member.name == first_latent:
+                data = b"garbage".ljust(len(data), b"\0")  # same size: the tar is whole, one sample is not
+            tar.addfile(member, io.BytesIO(data))
+    proc = fit("--data", "datamodules.WebDataModule", "--data.init_args.shards", str(shards),
+               "--data.init_args.latent_key", "latent.npy", "--data.init_args.batch_size", "2",
+               "--data.init_args.num_workers", "0", "--data.init_args.max_bad_samples", "0",
+               "--model.vae", str(tiny_vae_dir), "--trainer.max_steps", "4", runs=tmp_path, check=False)  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert "Traceback" not in proc.stderr and len(errors) == 1, proc.stderr[-3000:]
+    assert "more than max_bad_samples=0" in errors[0] and "train-000001.tar" in errors[0], errors[0]
