@@ -7,8 +7,9 @@ upstream's code, and a run could not be resumed with compile switched off. ``nn.
 module's own ``__call__`` instead: parameters, buffers and ``state_dict`` keys stay exactly as in eager mode.
 
 The backbone and its EMA copy are compiled separately (training runs ``model``; validation and sampling run
-``ema.network``). Compilation itself happens lazily at the first call; the ``zigma`` scan backends are custom ops
-that Dynamo keeps whole, so a ZigMa forward compiles as one graph.
+``ema.network``). Compilation itself happens lazily at the first call. Every ``zigma`` scan backend (torch, triton,
+and mamba-ssm's CUDA kernel wrapped in ``zigma.ops.cuda_scan``) is a custom op that Dynamo keeps whole, so a ZigMa
+forward compiles as one graph; which backend runs (the Triton runtime guard included) is decided at trace time.
 """
 
 from __future__ import annotations
