@@ -163,7 +163,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit(
             "check_scan_gpu: no CUDA device; this script checks the compiled Triton kernels on a GPU "
-            "(the CPU interpreter tests are tests/zigma/test_triton_scan.py)"
+            "(the CPU interpreter tests are tests/zigma/ops/test_triton_scan.py)"
         )
     import triton
 

@@ -62,9 +62,9 @@ The op is registered as ``torch.ops.zigma.selective_scan_fwd`` / ``selective_sca
 with fake and autograd registrations), so ``torch.compile`` traces a model calling it without graph breaks.
 
 Kernels run on CUDA tensors, or on CPU tensors through Triton's interpreter when ``TRITON_INTERPRET=1`` was set before
-this module was imported (how the CPU tests, ``tests/zigma/test_triton_scan.py``, run them). Registers, spills and
+this module was imported (how the CPU tests, ``tests/zigma/ops/test_triton_scan.py``, run them). Registers, spills and
 barriers of every kernel for sm_80/sm_90 come from ``benchmarks/triton_compile_report.py`` (checked in CI by
-``tests/zigma/test_triton_compile.py``, no GPU needed). The compiled-GPU check at full shapes is
+``tests/zigma/ops/test_triton_compile.py``, no GPU needed). The compiled-GPU check at full shapes is
 ``benchmarks/check_scan_gpu.py``; timings are ``benchmarks/scan_gpu.py`` and ``benchmarks/triton_triage.py``. The
 default config is chosen from compile reports (no spills, backward ≤ 128 registers), not yet from GPU timings.
 """

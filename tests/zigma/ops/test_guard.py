@@ -46,7 +46,7 @@ def inputs(dtype=torch.float32):
 
 @pytest.mark.skipif(not triton_scan.INTERPRET, reason="needs Triton's interpreter (TRITON_INTERPRET=1 before import)")
 def test_real_guard_passes_in_the_interpreter_and_auto_picks_triton():
-    import tests.zigma.test_triton_scan  # noqa: F401  (its import speeds up the interpreter's scans, same results)
+    import tests.zigma.ops.test_triton_scan  # noqa: F401  (its import speeds up the interpreter's scans, same results)
 
     assert resolve_backend("auto", "cpu", torch.float32) == "triton"
     result = ops._GUARDED[(torch.device("cpu"), torch.float32)]

@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip("triton", reason="compiling the Triton kernels needs the triton package (requirements-gpu.txt)")
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import triton_compile_report as report  # noqa: E402
 

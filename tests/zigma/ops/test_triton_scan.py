@@ -30,7 +30,7 @@ elif torch.cuda.is_available():
 else:
     pytestmark = pytest.mark.skip(
         reason="zigma.ops.triton_scan was imported before TRITON_INTERPRET=1 was set and there is no GPU; "
-        "run this file on its own (pytest tests/zigma/test_triton_scan.py) or with TRITON_INTERPRET=1"
+        "run this file on its own (pytest tests/zigma/ops/test_triton_scan.py) or with TRITON_INTERPRET=1"
     )
     DEVICE = "cpu"
 
