@@ -37,6 +37,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from zigma.conditions import class_labels
 from zigma.metrics.frechet import GaussianStats
 from zigma.metrics.i3d import i3d_file, load_i3d, to_i3d_layout
 from zigma.metrics.inception import inception_weights, load_inception, to_uint8
@@ -248,9 +249,7 @@ class FrechetEvaluation(L.Callback):
         same label whatever the batch and world size), captions of the validation batches, or None."""
         net = pl_module.model
         if net.num_classes > 0:
-            gen = torch.Generator().manual_seed(self.seed)
-            labels = torch.randint(net.num_classes, (self.num_samples,), generator=gen)
-            return labels[indices].to(pl_module.device)
+            return class_labels(net.num_classes, self.num_samples, self.seed)[indices].to(pl_module.device)
         if net.has_text:
             if not self._captions:
                 raise RuntimeError(f"{self.kind}: a text-conditioned model needs captions, but no validation batch "
