@@ -29,14 +29,16 @@ import logging
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from zigma.conditions import class_labels
 from zigma.metrics.frechet import GaussianStats
 from zigma.metrics.i3d import i3d_file, load_i3d, to_i3d_layout
 from zigma.metrics.inception import inception_weights, load_inception, to_uint8
@@ -91,8 +93,9 @@ class _Frechet:
         self.to_input = to_input  # pixels in [-1, 1] -> the extractor's uint8 input
 
 
-class FrechetEvaluation(L.Callback):
-    """Shared machinery of :class:`FIDEvaluation` and :class:`FVDEvaluation` (see the module docstring).
+@dataclass(eq=False)
+class FrechetSettings:
+    """The settings every Fréchet evaluation shares (``--fid.*`` and ``--fvd.*``), checked when constructed.
 
     Args:
         num_samples: generated samples per evaluation, over all ranks; 0 switches the evaluation off. At least 2.
@@ -111,34 +114,61 @@ class FrechetEvaluation(L.Callback):
         reference_batch_size: images per Inception/I3D batch while computing reference statistics.
     """
 
-    kind = "frechet"
+    kind: ClassVar[str] = "frechet"  # the config group (``fid``, ``fvd``) named in errors and tags
 
-    def __init__(self, num_samples: int = 0, batch_size: int = 16, sample_mode: str | None = None,
-                 sample_method: str | None = "euler", sample_steps: int | None = 26,
-                 guidance_scale: float | None = None, seed: int = 0, reference: str | None = None,
-                 reference_key: str = "jpg", reference_count: int | None = None,
-                 reference_cache_dir: str = DEFAULT_CACHE, reference_batch_size: int = 50):  # fmt: skip
+    num_samples: int = 0
+    batch_size: int = 16
+    sample_mode: str | None = None
+    sample_method: str | None = "euler"
+    sample_steps: int | None = 26
+    guidance_scale: float | None = None
+    seed: int = 0
+    reference: str | None = None
+    reference_key: str = "jpg"
+    reference_count: int | None = None
+    reference_cache_dir: str = DEFAULT_CACHE
+    reference_batch_size: int = 50
+
+    def __post_init__(self) -> None:
         field = self.kind
-        if num_samples < 0 or num_samples == 1:
-            raise ValueError(f"{field}.num_samples={num_samples}: a covariance needs at least 2 samples (0 = off)")
-        if batch_size < 1 or reference_batch_size < 1:
+        if self.num_samples < 0 or self.num_samples == 1:
+            raise ValueError(f"{field}.num_samples={self.num_samples}: a covariance needs at least 2 samples (0 = off)")
+        if self.batch_size < 1 or self.reference_batch_size < 1:
             raise ValueError(f"{field}.batch_size and {field}.reference_batch_size must be >= 1")
-        if reference_count is not None and reference_count < 2:
-            raise ValueError(f"{field}.reference_count={reference_count}: needs at least 2 real samples")
-        if sample_steps is not None and sample_steps < 1:
-            raise ValueError(f"{field}.sample_steps must be >= 1; got {sample_steps}")
-        self.num_samples = num_samples
-        self.batch_size = batch_size
-        self.sample_mode = sample_mode
-        self.sample_method = sample_method
-        self.sample_steps = sample_steps
-        self.guidance_scale = guidance_scale
-        self.seed = seed
-        self.reference = reference
-        self.reference_key = reference_key
-        self.reference_count = reference_count if reference_count is not None else num_samples
-        self.reference_cache_dir = reference_cache_dir
-        self.reference_batch_size = reference_batch_size
+        if self.reference_count is not None and self.reference_count < 2:
+            raise ValueError(f"{field}.reference_count={self.reference_count}: needs at least 2 real samples")
+        if self.sample_steps is not None and self.sample_steps < 1:
+            raise ValueError(f"{field}.sample_steps must be >= 1; got {self.sample_steps}")
+        if self.reference_count is None:
+            self.reference_count = self.num_samples
+
+
+@dataclass(eq=False)
+class InceptionSettings:
+    """The Inception network of an FID (also the per-frame FID of an FVD evaluation).
+
+    Args:
+        weights_path: torch-fidelity's ``weights-inception-2015-12-05-6726825d.pth``; None: torch hub's cache
+            (``$TORCH_HOME/hub/checkpoints``). Never downloaded.
+        antialias: resize to 299 px with antialiasing (torchmetrics' default) instead of the TF1-compatible resize of
+            published FIDs (default False).
+        feature: Inception pool layer; 2048 is FID, 64/192/768 are cheaper and only comparable with themselves.
+    """
+
+    weights_path: str | None = None
+    antialias: bool = False
+    feature: int = 2048
+
+
+@dataclass(eq=False)
+class FrechetEvaluation(FrechetSettings, L.Callback):
+    """Shared machinery of :class:`FIDEvaluation` and :class:`FVDEvaluation` (see the module docstring).
+
+    Settings: those of :class:`FrechetSettings`.
+    """
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         self.metrics: list[_Frechet] = []
         self._captions: list[Tensor] = []
 
@@ -248,9 +278,7 @@ class FrechetEvaluation(L.Callback):
         same label whatever the batch and world size), captions of the validation batches, or None."""
         net = pl_module.model
         if net.num_classes > 0:
-            gen = torch.Generator().manual_seed(self.seed)
-            labels = torch.randint(net.num_classes, (self.num_samples,), generator=gen)
-            return labels[indices].to(pl_module.device)
+            return class_labels(net.num_classes, self.num_samples, self.seed)[indices].to(pl_module.device)
         if net.has_text:
             if not self._captions:
                 raise RuntimeError(f"{self.kind}: a text-conditioned model needs captions, but no validation batch "
@@ -318,33 +346,19 @@ class FrechetEvaluation(L.Callback):
         return logged
 
 
-class FIDEvaluation(FrechetEvaluation):
-    """FID of EMA image samples (``val/fid_<count>``), see the module docstring; also the base args.
+@dataclass(eq=False)
+class FIDEvaluation(InceptionSettings, FrechetEvaluation):
+    """FID of EMA image samples (``val/fid_<count>``), see the module docstring.
 
-    Args:
-        weights_path: torch-fidelity's ``weights-inception-2015-12-05-6726825d.pth``; None: torch hub's cache
-            (``$TORCH_HOME/hub/checkpoints``). Never downloaded.
-        antialias: resize to 299 px with antialiasing (torchmetrics' default) instead of the TF1-compatible resize of
-            published FIDs (default False).
-        feature: Inception pool layer; 2048 is FID, 64/192/768 are cheaper and only comparable with themselves.
+    Settings: those of :class:`FrechetSettings` and :class:`InceptionSettings`.
     """
 
-    kind = "fid"
+    kind: ClassVar[str] = "fid"
 
-    def __init__(self, num_samples: int = 0, batch_size: int = 16, sample_mode: str | None = None,
-                 sample_method: str | None = "euler", sample_steps: int | None = 26,
-                 guidance_scale: float | None = None, seed: int = 0, reference: str | None = None,
-                 reference_key: str = "jpg", reference_count: int | None = None,
-                 reference_cache_dir: str = DEFAULT_CACHE, reference_batch_size: int = 50,
-                 weights_path: str | None = None, antialias: bool = False, feature: int = 2048):  # fmt: skip
-        super().__init__(num_samples, batch_size, sample_mode, sample_method, sample_steps, guidance_scale, seed,
-                         reference, reference_key, reference_count, reference_cache_dir,
-                         reference_batch_size)  # fmt: skip
-        self.weights_path = weights_path
-        self.antialias = antialias
-        self.feature = feature
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if self.enabled:
-            inception_weights(weights_path)  # a missing file fails now, with where to put it
+            inception_weights(self.weights_path)  # a missing file fails now, with where to put it
 
     def _check_model(self, pl_module) -> None:
         if pl_module.model.video_frames > 0:
@@ -368,44 +382,40 @@ def clips_of(pixels: Tensor) -> Tensor:
     return to_i3d_layout(to_uint8(pixels))
 
 
-class FVDEvaluation(FrechetEvaluation):
+@dataclass(eq=False)
+class FVDEvaluation(InceptionSettings, FrechetEvaluation):
     """FVD of EMA video samples (``val/fvd_<count>``) and their per-frame FID (``val/frame_fid_<count>``).
+
+    Settings: those of :class:`FrechetSettings` (for clips: ``batch_size`` 4, ``reference_batch_size`` 8), of
+    :class:`InceptionSettings` (the per-frame FID's Inception), and
 
     Args:
         i3d_path: StyleGAN-V's ``i3d_torchscript.pt`` (a local file; required when enabled).
         frame_fid: also compute the FID of all frames (needs the Inception weights).
-        weights_path, antialias, feature: Inception of the per-frame FID (see :class:`FIDEvaluation`).
         frame_reference: with a statistics ``.npz`` as ``reference`` (for FVD), the ``.npz`` of the frames.
     """
 
-    kind = "fvd"
+    kind: ClassVar[str] = "fvd"
 
-    def __init__(self, num_samples: int = 0, batch_size: int = 4, sample_mode: str | None = None,
-                 sample_method: str | None = "euler", sample_steps: int | None = 26,
-                 guidance_scale: float | None = None, seed: int = 0, reference: str | None = None,
-                 reference_key: str = "jpg", reference_count: int | None = None,
-                 reference_cache_dir: str = DEFAULT_CACHE, reference_batch_size: int = 8,
-                 i3d_path: str | None = None, frame_fid: bool = True, weights_path: str | None = None,
-                 antialias: bool = False, feature: int = 2048, frame_reference: str | None = None):  # fmt: skip
-        super().__init__(num_samples, batch_size, sample_mode, sample_method, sample_steps, guidance_scale, seed,
-                         reference, reference_key, reference_count, reference_cache_dir,
-                         reference_batch_size)  # fmt: skip
+    batch_size: int = 4
+    reference_batch_size: int = 8
+    i3d_path: str | None = None
+    frame_fid: bool = True
+    frame_reference: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        reference = self.reference
         if reference is not None and not reference.endswith(".npz"):
             raise ValueError(f"fvd.reference={reference!r}: give a statistics .npz, or leave it unset to use the "
                              "DataModule's clips")  # fmt: skip
-        if reference is not None and frame_fid and frame_reference is None:
+        if reference is not None and self.frame_fid and self.frame_reference is None:
             raise ValueError("fvd.reference is a statistics file: give fvd.frame_reference (the frames' .npz) too, "
                              "or set fvd.frame_fid=false")  # fmt: skip
-        self.i3d_path = i3d_path
-        self.frame_fid = frame_fid
-        self.weights_path = weights_path
-        self.antialias = antialias
-        self.feature = feature
-        self.frame_reference = frame_reference
         if self.enabled:
-            i3d_file(i3d_path)
-            if frame_fid:
-                inception_weights(weights_path)
+            i3d_file(self.i3d_path)
+            if self.frame_fid:
+                inception_weights(self.weights_path)
 
     def _check_model(self, pl_module) -> None:
         if pl_module.model.video_frames <= 0:

@@ -15,6 +15,8 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from PIL import Image
 from torchvision.utils import make_grid, save_image
 
+from zigma.conditions import class_labels
+
 log = logging.getLogger(__name__)
 
 
@@ -159,8 +161,7 @@ class SampleGridLogger(L.Callback):
         """Fixed conditions: class labels drawn from ``seed``, or the captions kept from the first training
         batches (cycled if fewer than ``num_samples``), or None."""
         if pl_module.model.num_classes > 0:
-            gen = torch.Generator().manual_seed(self.seed)
-            return torch.randint(pl_module.model.num_classes, (self.num_samples,), generator=gen).to(pl_module.device)
+            return class_labels(pl_module.model.num_classes, self.num_samples, self.seed).to(pl_module.device)
         if pl_module.model.has_text:
             return self._captions[torch.arange(self.num_samples) % len(self._captions)].to(pl_module.device)
         return None

@@ -14,6 +14,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from zigma.conditions import class_labels
+
 
 class SampleRequests(Dataset):
     """``count`` sample requests; class-conditional data draws a label per sample from ``seed``."""
@@ -24,7 +26,7 @@ class SampleRequests(Dataset):
         self.count = count
         self.labels = None
         if num_classes > 0:
-            self.labels = torch.randint(num_classes, (count,), generator=torch.Generator().manual_seed(seed))
+            self.labels = class_labels(num_classes, count, seed)
 
     def __len__(self) -> int:
         return self.count

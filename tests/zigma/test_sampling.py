@@ -570,11 +570,33 @@ def test_bad_names_and_settings_raise_value_error(build, match):
 
 
 def test_names_are_case_insensitive_enums():
+    """A spelling builds the sampler of its enum member: the same samples and model calls, and not the default's."""
     sampler = Sampler(create_transport(sample_eps=1e-3))
-    assert callable(sampler.sample_ode(method=OdeMethod.RK4))
-    assert callable(sampler.sample_ode(method="DOPRI5"))
-    assert callable(sampler.sample_sde(method="heun", diffusion_form="sbdm", last_step="tweedie"))
-    assert callable(sampler.sample_sde(method=SdeMethod.EULER, diffusion_form="increasing_decreasing"))
+    x0 = noise(4)
+
+    def run(build, **kwargs):
+        result = build(**kwargs)(x0, lambda x, t: -x, generator=torch.Generator().manual_seed(1))
+        return result.x, result.nfe
+
+    def ode(**kwargs):
+        sample = sampler.sample_ode(num_steps=3, **kwargs)
+        return lambda x, model_fn, generator: sample(x, model_fn)
+
+    def sde(**kwargs):
+        return sampler.sample_sde(num_steps=5, **kwargs)
+
+    rk4 = run(ode, method="RK4")
+    assert rk4[1] == 8 and torch.equal(rk4[0], run(ode, method=OdeMethod.RK4)[0])  # 2 steps x 4 calls
+    assert run(ode, method="DOPRI5")[1] == run(ode, method=OdeMethod.DOPRI5)[1] != rk4[1]
+    heun = run(sde, method="heun", diffusion_form="sbdm", last_step="tweedie")
+    assert heun[1] == 9  # 4 steps x 2 calls + the last step
+    enums = run(sde, method=SdeMethod.HEUN, diffusion_form=DiffusionForm.SBDM, last_step=LastStep.TWEEDIE)
+    assert torch.equal(heun[0], enums[0])
+    assert not torch.allclose(heun[0], run(sde, method="heun", diffusion_form="sbdm", last_step="mean")[0])
+    euler = run(sde, method=SdeMethod.EULER, diffusion_form="increasing_decreasing")
+    assert euler[1] == 5  # 4 steps + the last step
+    assert torch.equal(euler[0], run(sde, method="euler", diffusion_form=DiffusionForm.INCREASING_DECREASING)[0])
+    assert not torch.allclose(euler[0], run(sde, method="euler", diffusion_form="sbdm")[0])
 
 
 def test_model_output_shape_is_checked():

@@ -1,8 +1,8 @@
-"""Image and video metrics without Lightning: Gaussian feature statistics, the Fréchet distance, FID's Inception and
+"""Image and video metrics without Lightning: Gaussian feature statistics, FID's Inception and
 FVD's I3D extractors and cached reference statistics. torchmetrics, torch-fidelity and PIL are imported only when
 used."""
 
-from zigma.metrics.frechet import GaussianStats, frechet_distance
+from zigma.metrics.frechet import GaussianStats
 from zigma.metrics.i3d import I3DFeatures, load_i3d, to_i3d_layout
 from zigma.metrics.inception import INCEPTION_WEIGHTS_FILE, InceptionFeatures, load_inception, to_uint8
 
@@ -25,7 +25,6 @@ __all__ = [
     "I3DFeatures",
     "InceptionFeatures",
     "compute_stats",
-    "frechet_distance",
     "load_i3d",
     "load_inception",
     "load_reference",

@@ -1,11 +1,8 @@
-"""Gaussian feature statistics and the Fréchet distance between them (FID, FVD).
+"""Gaussian feature statistics (FID, FVD reference files).
 
 :class:`GaussianStats` keeps what torchmetrics' ``FrechetInceptionDistance`` keeps (reference ecosystem §2.1): a float64
-feature sum (d), a float64 outer-product sum (d, d) and a count. Memory does not grow with the number of samples, two
-sets merge by adding their sums, and a distributed sum (:meth:`GaussianStats.all_reduce`) gives the statistics of all
-ranks' samples. Each sample is counted once: upstream added every *gathered* fake batch on every rank, counting fakes
-``world`` times (reference zigma-upstream §8). Call ``all_reduce`` on every rank, never under ``rank_zero_only``
-(torchmetrics #2684: a collective on one rank hangs the others).
+feature sum (d), a float64 outer-product sum (d, d) and a count, so memory does not grow with the number of samples.
+The Fréchet distance itself is torchmetrics' (``callbacks.evaluation`` loads these sums into its real side).
 
 Files are ``.npz`` with ``mu`` (d), ``sigma`` (d, d, unbiased), ``count`` and ``meta`` (a JSON object: dataset,
 resolution, count, extractor, antialias), so ``mu``/``sigma`` read like the reference files of pytorch-fid and ADM.
@@ -14,7 +11,6 @@ resolution, count, extractor, antialias), so ``mu``/``sigma`` read like the refe
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +20,11 @@ from torch import Tensor
 
 
 class GaussianStats:
-    """Running float64 sums of d-dimensional features: ``update`` adds a batch, ``merge`` adds another set.
+    """Running float64 sums of d-dimensional features: ``update`` adds a batch.
 
     Args:
         dim: feature dimension d (2048 for Inception pool features).
-        device: where the sums live; NCCL's ``all_reduce`` needs them on the rank's GPU.
+        device: where the sums live.
         meta: plain-JSON metadata saved with the statistics (dataset, resolution, extractor, antialias, ...).
     """
 
@@ -49,7 +45,7 @@ class GaussianStats:
         return self.sum.device
 
     def to(self, device: torch.device | str) -> GaussianStats:
-        """Moves the sums in place (e.g. to the rank's GPU before :meth:`all_reduce`); returns self."""
+        """Moves the sums in place; returns self."""
         self.sum, self.outer = self.sum.to(device), self.outer.to(device)
         return self
 
@@ -61,29 +57,6 @@ class GaussianStats:
         self.sum += x.sum(dim=0)
         self.outer += x.T @ x
         self.count += x.shape[0]
-        return self
-
-    def merge(self, other: GaussianStats) -> GaussianStats:
-        """Adds another set's sums: stats(A ∪ B) = stats(A).merge(stats(B)). In place; returns self."""
-        if other.dim != self.dim:
-            raise ValueError(f"GaussianStats.merge: dimension mismatch, {self.dim} vs {other.dim}")
-        self.sum += other.sum.to(self.device)
-        self.outer += other.outer.to(self.device)
-        self.count += other.count
-        return self
-
-    def all_reduce(self, group: Any = None) -> GaussianStats:
-        """Sums the statistics over an initialised ``torch.distributed`` group, in place; every rank must call it."""
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError("GaussianStats.all_reduce: torch.distributed is not initialised")
-        # One collective: count (exact in float64 up to 2**53), sum and the flattened outer product.
-        packed = torch.cat([self.sum.new_tensor([float(self.count)]), self.sum, self.outer.flatten()])
-        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
-        self.count = round(packed[0].item())
-        self.sum = packed[1 : 1 + self.dim].clone()
-        self.outer = packed[1 + self.dim :].view(self.dim, self.dim).clone()
         return self
 
     def _need_two(self, side: str = "stats") -> None:
@@ -122,7 +95,7 @@ class GaussianStats:
 
     @classmethod
     def load(cls, path: str | Path, *, device: torch.device | str | None = None) -> GaussianStats:
-        """Reads :meth:`save`'s file; the sums are rebuilt from μ, Σ and n, so loaded statistics can still merge."""
+        """Reads :meth:`save`'s file; the sums (Σx, Σxxᵀ) are rebuilt from μ, Σ and n."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"GaussianStats.load: no statistics file at {path}")
@@ -139,33 +112,3 @@ class GaussianStats:
         stats.sum = count * mu
         stats.outer = (count - 1) * sigma + count * torch.outer(mu, mu)
         return stats.to(device) if device is not None else stats
-
-
-def _sqrt_psd(matrix: Tensor) -> Tensor:
-    """Square root of a symmetric PSD matrix via ``eigh`` (negative round-off eigenvalues clipped to 0)."""
-    eigenvalues, eigenvectors = torch.linalg.eigh(matrix)
-    return (eigenvectors * eigenvalues.clamp(min=0).sqrt()) @ eigenvectors.T
-
-
-def frechet_distance(a: GaussianStats, b: GaussianStats) -> float:
-    """Fréchet distance ||μa - μb||² + Tr(Σa + Σb - 2 (Σa Σb)^½) between two Gaussians, in float64.
-
-    Tr (Σa Σb)^½ is the sum of the square roots of the eigenvalues of Σa Σb, which equal those of the symmetric PSD
-    matrix Σa^½ Σb Σa^½ (similar matrices). Using ``eigh`` twice instead of torchmetrics' general ``eigvals`` of Σa Σb
-    keeps every eigenvalue real and clips round-off negatives, so singular covariances (fewer samples than d) are fine.
-    """
-    if a.dim != b.dim:
-        raise ValueError(f"frechet_distance: dimension mismatch, {a.dim} vs {b.dim}")
-    a._need_two("frechet_distance: first set (a)")
-    b._need_two("frechet_distance: second set (b)")
-    device = a.device
-    mu_a, mu_b = a.mean, b.mean.to(device)
-    sigma_a, sigma_b = a.cov, b.cov.to(device)
-    sqrt_a = _sqrt_psd((sigma_a + sigma_a.T) / 2)
-    middle = sqrt_a @ sigma_b @ sqrt_a
-    trace_sqrt = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
-    distance = (mu_a - mu_b).square().sum() + sigma_a.trace() + sigma_b.trace() - 2 * trace_sqrt
-    value = float(distance.item())
-    if not math.isfinite(value):
-        raise ValueError(f"frechet_distance: not finite ({value}); are the features finite?")
-    return value
