@@ -22,7 +22,7 @@ Inputs (the sorted input list fixes every sample's key and shard, so reruns and 
   as the name), whose order fixes the ids; the names come from the folders (folder input) or the ``label`` column.
 - ``--captions FILE``: a list file with ``path`` and ``caption_feature`` or ``caption`` columns joined to the inputs
   by path.
-- ``--clip PATH_OR_ID``: encode the ``caption`` text with a CLIP text model (``datamodules.captions``; a local
+- ``--clip PATH_OR_ID``: encode the ``caption`` text with a CLIP text model (``zigma.text_encoder``; a local
   directory, or a hub id in the local cache unless ``--allow-download``; upstream's is openai/clip-vit-large-patch14):
   the last hidden states, 77 tokens (padded and truncated), (N_cap, 77, d) per image, computed by the worker that
   writes the image's shard. A ``caption`` column without ``--clip`` is an error; with ``--clip`` every input needs
@@ -84,7 +84,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from datamodules.captions import CLIPCaptionEncoder
+from zigma.text_encoder import CLIPCaptionEncoder
 from datamodules.manifest import (
     FORMAT,
     MANIFEST_NAME,

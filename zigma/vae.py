@@ -1,10 +1,11 @@
 """A frozen Stable Diffusion VAE that maps images in [-1, 1] to model-space latents and back.
 
-Latent conventions (upstream ZigMa, reference §5.1): the posterior of the SD VAE ``AutoencoderKL`` gives raw latents
-z (mean and std, 4 channels, 8x smaller than the image). Shards store raw, unscaled latents (or their moments); the
-model sees ``z' = (z - shift) * scale`` with ``scale`` the VAE's own ``config.scaling_factor`` (0.18215 =
-:data:`SD_LATENT_SCALE` for the SD VAEs), and decoding undoes this (upstream: ``vae.decode(z / 0.18215)``). EDM2 (``training/encoders.py::StabilityVAEEncoder``) instead normalises each channel, ``z' = (z - mean) /
-std``; pass ``mean``/``std`` for that (EDM2's target std 0.5 is ``std = raw_std / 0.5``). The number 0.18215 is written here only;
+Latent conventions (upstream ZigMa, reference §5.1): the posterior of the SD VAE ``AutoencoderKL`` gives raw latents z
+(mean and std, 4 channels, 8x smaller than the image). Shards store raw, unscaled latents (or their moments); the model
+sees ``z' = (z - shift) * scale`` with ``scale`` the VAE's own ``config.scaling_factor`` (0.18215 =
+:data:`SD_LATENT_SCALE` for the SD VAEs), and decoding undoes this (upstream: ``vae.decode(z / 0.18215)``). EDM2
+(``training/encoders.py::StabilityVAEEncoder``) instead normalises each channel, ``z' = (z - mean) / std``; pass
+``mean``/``std`` for that (EDM2's target std 0.5 is ``std = raw_std / 0.5``). The value is defined here only;
 ``prepare`` records the scale it used in the shards' manifest (``vae.scale``), from which the DataModules take it.
 
 :class:`FrozenVAE` is deliberately not an ``nn.Module``: assigned to a LightningModule it is never a submodule, so
