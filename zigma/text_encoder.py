@@ -33,8 +33,7 @@ def _download_hint(name: str) -> str:
         f"On a machine with internet, download it once with `hf download {name} --local-dir <dir>` "
         '(`huggingface-cli download` on older huggingface_hub), or with `python -c "from transformers import '
         f"CLIPTokenizer, CLIPTextModel; [c.from_pretrained('{name}').save_pretrained('<dir>') for c in "
-        '(CLIPTokenizer, CLIPTextModel)]"`; copy <dir> here and pass it as name_or_path (--clip <dir>). '
-        + cache_hint()
+        '(CLIPTokenizer, CLIPTextModel)]"`; copy <dir> here and pass it as name_or_path (--clip <dir>). ' + cache_hint()
     )
 
 
