@@ -317,16 +317,22 @@ class VideoWebDataModule(ShardDataModule):
     3, S, S)}`` in [-1, 1], S = ``resolution``, each frame resized and centre-cropped as ``WebDataModule``'s images;
     ``pixel_shape = (video_frames, 3, S, S)`` and ``sample_shape`` is None (the module's VAE gives the latent shape).
     Clips longer than ``video_frames`` are cropped in time at a start frame drawn per sample and epoch (seeded); clips
-    of exactly ``video_frames`` are used whole; shorter ones are bad samples. Other arguments as in ``WebDataModule``.
+    of exactly ``video_frames`` are used whole; shorter ones are bad samples.
 
     Args:
         video_key: ``;``-separated alternatives for the (T, C, h, w) latents; ignored when ``frames_key`` is set.
+        video_frames: frames per training clip (T of the batches).
+        num_classes: classes of ``label_key`` (101 for UCF101).
         frames_key: ``;``-separated alternatives for the frames: ``<name>.npy`` a uint8 (T, H, W, 3) array (another
             dtype or shape is a bad sample), or an image extension (``jpg``, ``png``) for one member ``<t>.<ext>``
             per frame, in the order of the integer t. None: the shards hold latents (``video_key``).
         resolution: frames only: the shorter side of each frame is resized to it (bicubic) and the centre square
             cropped.
         label_key: suffix of the class label; None: unconditional (``num_classes`` ignored).
+        batch_size: samples per batch and process (a video default: 4).
+        shuffle_buffer: raw clips each worker shuffles through (0 or 1: no sample shuffle).
+        predict_batch_size: samples per ``predict`` batch.
+        loader_settings: the other shared settings of ``ShardDataModule``.
     """
 
     def __init__(
