@@ -16,7 +16,7 @@ class BadSampleBudgetExceeded(DataError):
     """More unreadable samples or shards than ``max_bad_samples`` in one reading process (worker) and epoch.
 
     Raised in the process that reads; from a DataLoader worker it reaches the main process unchanged (type and
-    message: ``datamodules.webdataset.ShardLoader`` carries it over, not torch's traceback wrapper).
+    message: ``datamodules.streams.ShardLoader`` carries it over, not torch's traceback wrapper).
     """
 
 

@@ -52,7 +52,7 @@ REQUIRED_KEYS = ("format", "version", "kind", "resolution", "keys", "latents", "
                  "label_names", "caption_feature_shape", "splits")  # fmt: skip
 # Split entries' keys (what one run wrote); everything else at the top level is a setting that must not change.
 SPLIT_KEYS = ("complete", "count", "bad", "bad_paths", "shard_size", "shards", "inputs", "created", "command")
-# FrozenVAE.config() keys that change the meaning of stored latents (zigma.vae.MATCH_KEYS; not imported, see above).
+# FrozenVAE.config() keys that change the meaning of stored latents (the one list: FrozenVAE.check_matches is gone).
 VAE_MATCH_KEYS = ("name_or_path", "subfolder", "scale", "shift", "mean", "std")
 
 

@@ -22,7 +22,7 @@ Inputs (the sorted input list fixes every sample's key and shard, so reruns and 
   as the name), whose order fixes the ids; the names come from the folders (folder input) or the ``label`` column.
 - ``--captions FILE``: a list file with ``path`` and ``caption_feature`` or ``caption`` columns joined to the inputs
   by path.
-- ``--clip PATH_OR_ID``: encode the ``caption`` text with a CLIP text model (``datamodules.captions``; a local
+- ``--clip PATH_OR_ID``: encode the ``caption`` text with a CLIP text model (``zigma.text_encoder``; a local
   directory, or a hub id in the local cache unless ``--allow-download``; upstream's is openai/clip-vit-large-patch14):
   the last hidden states, 77 tokens (padded and truncated), (N_cap, 77, d) per image, computed by the worker that
   writes the image's shard. A ``caption`` column without ``--clip`` is an error; with ``--clip`` every input needs
@@ -84,7 +84,6 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from datamodules.captions import CLIPCaptionEncoder
 from datamodules.manifest import (
     FORMAT,
     MANIFEST_NAME,
@@ -96,7 +95,8 @@ from datamodules.manifest import (
 )
 from datamodules.shards import complete_shard_keys
 from zigma.images import resize_center_crop
-from zigma.vae import DEFAULT_VAE, SD_LATENT_SCALE, FrozenVAE
+from zigma.text_encoder import CLIPCaptionEncoder
+from zigma.vae import DEFAULT_VAE, FrozenVAE
 
 log = logging.getLogger("zigma.data.prepare")
 
@@ -1040,7 +1040,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--device", default="cpu", help="where each worker runs the VAE (cpu, cuda, cuda:1, ...)")
     common.add_argument("--vae", default=DEFAULT_VAE, help="diffusers AutoencoderKL directory or hub id")
     common.add_argument("--vae-subfolder", default=None, help="e.g. 'vae' for a whole Stable Diffusion repo")
-    common.add_argument("--vae-scale", type=float, default=SD_LATENT_SCALE, help="recorded latent scale")
+    common.add_argument("--vae-scale", type=float, default=None,
+                        help="recorded latent scale (default: the VAE's config.scaling_factor)")  # fmt: skip
     common.add_argument("--vae-dtype", default="float32", help="the VAE's compute dtype")
     common.add_argument("--allow-download", action="store_true", help="let diffusers/transformers fetch hub models")
     common.add_argument("--latents", default="sample", choices=get_args(LatentMode))

@@ -1,16 +1,15 @@
 """DataModules over webdataset shards: latents, images, captions and class labels (``WebDataModule``) and video latents
-(``VideoWebDataModule``).
+or frames (``VideoWebDataModule``). Their shared loader settings (batch size, workers, shuffle buffer, seed, epoch
+mode, bad-sample budget, predict requests, latent scale) live in ``ShardDataModule``, to which both forward them; the
+command line lists them under ``data.init_args`` as before. Decoding a sample is ``datamodules.decoding``; the per-rank
+stream, its epochs and mid-epoch resume are ``datamodules.streams``.
 
-Shard keys (suffixes after the sample key; ``a;b`` means "a, else b"): latents ``img_feature256.npy`` (upstream) or
-``latent.npy`` (upstream FacesHQ and ``datamodules.prepare``): raw, unscaled VAE latents (C, h, w), multiplied by
-``latent_scale`` on load as upstream does; also the other layouts ``prepare`` writes: (2, C, h, w) latents of the image
-and its mirror image (``hflip`` then picks one instead of mirroring a latent), and ``<stem>_mean.npy`` +
-``<stem>_std.npy`` posterior moments (a fresh sample is drawn per sample and epoch). Images ``jpg``/``png``, labels
-``cls`` (a text integer), caption features ``npy`` (N_cap, L, d), video latents ``frame_feature256.npy`` (T, C, h, w),
-video frames (``VideoWebDataModule(frames_key=...)``): a uint8 (T, H, W, 3) array such as ``frames.npy``, or one
-image member per frame ``<t>.jpg`` / ``<t>.png`` (t an integer; frames in the order of t).
-When the shards have a ``manifest.json`` (``datamodules.manifest``), its per-shard counts are used and a
-``latent_scale`` that disagrees with it is warned about.
+Latent scale: raw shard latents are multiplied by ``latent_scale``. Unset (None), it is the scale recorded in the
+shards' ``manifest.json`` (``datamodules.manifest``: ``vae.scale`` for raw latents, 1.0 for ``latent_scaled`` ones),
+else upstream's SD-VAE scale ``zigma.vae.SD_LATENT_SCALE`` (shards without a manifest, e.g. upstream's CelebA
+latents, keep seeing the numbers they were trained on). A set value that disagrees with the manifest is refused in one
+line. ``vae_scale`` states the VAE scale of the latents the module yields, for the model's check against
+``model.vae_scale``. When the shards have a manifest, its per-shard counts are used as well.
 
 Batches (``datamodules.base``): latents ``{"x": (B, C, h, w) float32}``, video ``{"x": (B, T, C, h, w) float32}``,
 images ``{"pixels": (B, 3, H, W) float32 in [-1, 1]}`` and video frames ``{"pixels": (B, T, 3, H, W)}`` (the
@@ -44,449 +43,68 @@ Distribution (each step is a function in ``datamodules.shards``):
   ``ShardLoader`` raises there unchanged (torch would wrap it in the worker's traceback).
 - At construction the data's shapes are read from the first decodable sample, in shard order, under the same budget:
   damage at the start of the first shard is skipped (and logged) as anywhere else.
-
-Epochs: Lightning calls ``loader.sampler.set_epoch(epoch)`` at each epoch start; used on its own, every new iterator
-starts the next epoch. Workers are not persistent: they are started for each epoch and receive its number.
-Rank and world size come from ``torch.distributed`` when it is initialised, else from the attached trainer.
-
-Resuming (all modes): the training ``ShardLoader`` is stateful. ``state_dict()`` is the data position
-``{"epoch", "batches_done", ...}``, counted in the main process as batches are handed out (right with
-``num_workers > 0``, whatever the workers prefetched); Lightning saves it in every checkpoint at
-``checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]`` and restores it before the first iterator
-of a resumed fit, whose epoch then continues after ``batches_done`` batches. Since an epoch's batches are a function
-of (seed, epoch, rank, worker plan) and the DataLoader interleaves its workers' batches in a fixed order, the
-loader fast-forwards: the first ``batches_done`` batches are read, decoded and dropped (cheap for latent shards, a
-full decode for image shards). With another world size, batch size, worker count, seed, mode or epoch size the
-position cannot be carried over: a warning, and the epoch restarts from its beginning. Under DDP the checkpoint holds
-rank 0's state and every rank loads it: the position holds nothing rank-specific (every rank hands out the same
-number of batches), and each rank fast-forwards its own stream.
 """
 
 from __future__ import annotations
 
 import copy
-import io
-import itertools
 import logging
 import math
-from collections.abc import Iterator, Sequence
-from functools import partial
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
-import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from datamodules.base import ZigMaDataModule
-from datamodules.errors import DataError
+from datamodules.decoding import SampleDecoder
 from datamodules.manifest import read_manifest
 from datamodules.shards import (
     BadSampleBudget,
-    batched,
-    collate_samples,
     count_shard_samples,
     equal_batch_quotas,
     expand_shards,
     manifest_counts,
     read_shards,
-    resample_shards,
-    sample_rng,
-    shuffle_buffer,
-    shuffle_shards,
     skip_bad_samples,
     split_shards,
     spread_batches,
-    stream_rng,
 )
-from zigma.images import resize_center_crop
+from datamodules.streams import ShardLoader, ShardStream
 from zigma.metrics.reference import batches_of
+from zigma.vae import SD_LATENT_SCALE
 
 log = logging.getLogger("zigma.data")
 
 Kind = Literal["latent", "image"]
-_FLIP, _CAPTION, _CROP, _NOISE = 0, 1, 2, 3  # per-sample draw streams
-_SHUFFLE, _RESAMPLE = 10, 11  # per-worker streams
 
 
-def _pick(sample: dict[str, Any], spec: str) -> bytes:
-    """The bytes of the first of the ``;``-separated suffixes in ``spec`` that ``sample`` holds."""
-    for name in spec.split(";"):
-        if name in sample:
-            return sample[name]
-    have = sorted(k for k in sample if not k.startswith("__"))
-    raise KeyError(f"no {spec!r} in sample {sample.get('__key__')!r} (it has {have})")
-
-
-def _npy(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
-
-
-class SampleDecoder:
-    """Raw shard sample (bytes per suffix) -> one training sample ``{"x" or "pixels": tensor, "y": ...}``.
-
-    ``kind``: ``"latent"`` (C, h, w), ``"image"`` (3, resolution, resolution), ``"video"`` (video_frames, C, h, w)
-    latents or ``"frames"`` (video_frames, 3, resolution, resolution) pixels of video frames.
-    Call as ``decoder(sample, epoch, repeat)``; the per-sample draws are functions of (seed, epoch, repeat, key).
-    After ``expect(shapes)`` a sample whose shapes differ raises (so it is counted as bad, not stacked).
-    """
-
-    def __init__(self, *, kind: str, data_key: str, label_key: str | None = None, num_classes: int = 0,
-                 caption_key: str | None = None, latent_scale: float = 1.0, resolution: int = 256,
-                 hflip: bool = False, video_frames: int = 0, seed: int = 0):  # fmt: skip
-        self.kind = kind
-        self.data_key = data_key
-        self.label_key = label_key
-        self.num_classes = num_classes
-        self.caption_key = caption_key
-        self.latent_scale = latent_scale
-        self.resolution = resolution
-        self.hflip = hflip
-        self.video_frames = video_frames
-        self.seed = seed
-        self.shapes: dict[str, tuple[int, ...]] = {}
-
-    def expect(self, shapes: dict[str, tuple[int, ...]]) -> None:
-        self.shapes = dict(shapes)
-
-    def __call__(self, sample: dict[str, Any], epoch: int = 0, repeat: int = 0) -> dict[str, Any]:
-        key = sample["__key__"]
-        draw = partial(sample_rng, self.seed, key, epoch, repeat)
-        flip = self.hflip and draw(_FLIP).random() < 0.5
-        out: dict[str, Any] = {}
-        if self.kind == "image":
-            out["pixels"] = self._image(_pick(sample, self.data_key), flip)
-        elif self.kind == "frames":
-            out["pixels"] = self._frames(sample, draw)
-        else:
-            x, mirrored = self._raw_latent(sample, flip, draw)
-            flip = flip and not mirrored
-            want_ndim = 4 if self.kind == "video" else 3
-            if x.ndim != want_ndim:
-                raise ValueError(f"{self.kind} {self.data_key!r} has shape {x.shape}; expected {want_ndim} dims")
-            if self.kind == "video":
-                if x.shape[0] < self.video_frames:
-                    raise ValueError(f"clip of {x.shape[0]} frames, fewer than video_frames={self.video_frames}")
-                start = int(draw(_CROP).integers(x.shape[0] - self.video_frames + 1))
-                x = x[start : start + self.video_frames]  # (T, C, h, w)
-            x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)) * self.latent_scale
-            out["x"] = x.flip(-1) if flip else x
-        if self.label_key is not None:
-            label = int(_pick(sample, self.label_key).decode().strip())
-            if not 0 <= label < self.num_classes:
-                raise ValueError(f"label {label} outside [0, num_classes={self.num_classes})")
-            out["y"] = label
-        elif self.caption_key is not None:
-            captions = _npy(_pick(sample, self.caption_key))
-            if captions.ndim == 2:
-                captions = captions[None]  # one caption (L, d)
-            if captions.ndim != 3 or len(captions) == 0:
-                raise ValueError(f"caption features {self.caption_key!r} of shape {captions.shape}; expected (N, L, d)")
-            index = int(draw(_CAPTION).integers(len(captions)))  # one caption per sample
-            out["y"] = torch.from_numpy(np.ascontiguousarray(captions[index], dtype=np.float32))  # (L, d)
-        for name, shape in self.shapes.items():
-            have = tuple(out[name].shape) if isinstance(out[name], torch.Tensor) else ()
-            if have != shape:
-                raise ValueError(f"{name} of shape {have}; the data's first sample has {shape}")
-        return out
-
-    def _raw_latent(self, sample: dict[str, Any], flip: bool, draw: partial) -> tuple[np.ndarray, bool]:
-        """(raw latent, whether it is already the mirrored image's) from the first alternative of ``data_key`` the
-        sample holds, in any layout ``datamodules.prepare`` writes: a latent ([T,] C, h, w) or (1, C, h, w);
-        ``both-flips`` (2, C, h, w) = (image, mirror image); ``moments`` ``<stem>_mean.npy`` + ``<stem>_std.npy``,
-        from which a fresh posterior sample is drawn per sample and epoch."""
-        for name in self.data_key.split(";"):
-            if name in sample:
-                x = _npy(sample[name])
-                if self.kind == "latent" and x.ndim == 4 and x.shape[0] in (1, 2):
-                    return (x[1], True) if flip and x.shape[0] == 2 else (x[0], False)
-                return x, False
-            stem = name.removesuffix(".npy")
-            if f"{stem}_mean.npy" in sample and f"{stem}_std.npy" in sample:
-                mean, std = _npy(sample[f"{stem}_mean.npy"]), _npy(sample[f"{stem}_std.npy"])
-                noise = draw(_NOISE).standard_normal(mean.shape, dtype=np.float32)
-                return mean.astype(np.float32) + std.astype(np.float32) * noise, False
-        return _npy(_pick(sample, self.data_key)), False  # raises, naming the keys the sample has
-
-    def _image(self, data: bytes, flip: bool) -> torch.Tensor:
-        """Encoded image -> (3, S, S) float32 in [-1, 1]: shorter side resized to S (bicubic), centre crop."""
-        from PIL import Image
-
-        with Image.open(io.BytesIO(data)) as image:
-            image = image.convert("RGB")
-        pixels = self._resize_crop(image)
-        return pixels.flip(-1) if flip else pixels
-
-    def _frames(self, sample: dict[str, Any], draw: partial) -> torch.Tensor:
-        """Video frames -> (video_frames, 3, S, S) float32 in [-1, 1]: cropped in time at a drawn start frame (as
-        latent clips), then each frame resized and centre-cropped as an image (``_resize_crop``)."""
-        from PIL import Image
-
-        frames = self._frame_list(sample)
-        if len(frames) < self.video_frames:
-            raise ValueError(f"clip of {len(frames)} frames, fewer than video_frames={self.video_frames}")
-        start = int(draw(_CROP).integers(len(frames) - self.video_frames + 1))
-        out = []
-        for frame in frames[start : start + self.video_frames]:
-            if isinstance(frame, bytes):
-                with Image.open(io.BytesIO(frame)) as image:
-                    image = image.convert("RGB")
-            else:
-                image = Image.fromarray(np.ascontiguousarray(frame))  # (H, W, 3) uint8: RGB
-            out.append(self._resize_crop(image))
-        return torch.stack(out)  # (T, 3, S, S)
-
-    def _frame_list(self, sample: dict[str, Any]) -> Sequence[np.ndarray] | list[bytes]:
-        """The sample's frames in temporal order: the (T, H, W, 3) uint8 array of the first ``.npy`` alternative of
-        ``data_key`` it holds, else its ``<t>.<ext>`` image members for an image extension ``ext`` of ``data_key``."""
-        for name in self.data_key.split(";"):
-            if name.endswith(".npy") and name in sample:
-                x = _npy(sample[name])
-                if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
-                    raise ValueError(f"frames {name!r} of dtype {x.dtype} and shape {x.shape}; expected uint8 "
-                                     "(T, H, W, 3)")  # fmt: skip
-                return x
-            if not name.endswith(".npy"):
-                members = {}
-                for k in sample:
-                    index, dot, ext = k.partition(".")
-                    if dot and ext == name and index.isdigit():
-                        members[int(index)] = sample[k]
-                if members:
-                    return [members[t] for t in sorted(members)]
-        have = sorted(k for k in sample if not k.startswith("__"))
-        raise KeyError(f"no frames {self.data_key!r} in sample {sample.get('__key__')!r} (it has {have})")
-
-    def _resize_crop(self, image: Any) -> torch.Tensor:
-        """RGB PIL image -> (3, S, S) float32 in [-1, 1] (``zigma.images.resize_center_crop``)."""
-        image = resize_center_crop(image, self.resolution)
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, S, S)
-        return pixels.float() / 127.5 - 1
-
-
-class ShardStream(IterableDataset):
-    """One rank's batches of one epoch: each DataLoader worker reads its shards and yields ``quotas[worker]`` batches.
+class ShardDataModule(ZigMaDataModule):
+    """Shard lists, rank discovery, the epoch plan and the loader settings shared by ``WebDataModule`` and
+    ``VideoWebDataModule``, which take their own arguments and forward these (``**loader_settings``).
 
     Args:
-        worker_shards: (num_workers,) shard lists, one per worker (finite mode); in resampled mode every worker draws
-            from ``all_shards`` instead.
-        quotas: (num_workers,) batches each worker yields per epoch; ``len()`` is their sum.
-        decoder: raw sample -> training sample.
-        rank: this process's rank (keys the per-worker random streams).
-        world_size: number of processes the shards were split over (recorded in the loader state).
-        shuffle: shuffle shard order and samples (False: fixed order, for validation).
-        shuffle_buffer: raw samples in each worker's shuffle buffer.
-        resampled: draw shards with replacement from ``all_shards``, endlessly.
-        expect_wrap: a worker running out of data before its quota is expected (``epoch_length`` mode); else it
-            means bad samples and is warned about. Either way the worker wraps around to meet its quota.
-        max_bad_samples: per worker and epoch (``BadSampleBudget``).
+        shards: training shards (anything ``expand_shards`` takes).
+        val_shards: validation shards; None: no validation data.
+        latent_scale: raw shard latents are multiplied by it; None: the shards' manifest's scale, else upstream's
+            ``SD_LATENT_SCALE`` (see the module docstring). 1.0 for latents stored already scaled.
+        batch_size: samples per batch and process.
+        num_workers: DataLoader worker processes per rank (0: read in the main process).
+        shuffle_buffer: raw samples each worker shuffles through (0 or 1: no sample shuffle).
+        seed: seed of shard orders, sample shuffles and per-sample draws; independent of ``seed_everything``.
+        resampled: draw shards with replacement, endlessly (needs ``epoch_length``).
+        epoch_length: batches per process per epoch; None (finite mode only): from the sample counts.
+        max_bad_samples: unreadable samples or shards tolerated per worker and epoch before an error.
+        num_predict_samples, predict_batch_size, predict_seed: ``predict`` requests (``ZigMaDataModule``).
     """
 
-    def __init__(self, *, worker_shards: Sequence[Sequence[str]], quotas: Sequence[int], decoder: SampleDecoder,
-                 batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True,
-                 shuffle_buffer: int = 1000, resampled: bool = False, all_shards: Sequence[str] = (),
-                 expect_wrap: bool = True, max_bad_samples: int = 100):  # fmt: skip
-        if len(worker_shards) != len(quotas):
-            raise ValueError(f"{len(worker_shards)} shard lists for {len(quotas)} worker quotas")
-        self.worker_shards = [list(s) for s in worker_shards]
-        self.quotas = list(quotas)
-        self.decoder = decoder
-        self.batch_size = batch_size
-        self.rank = rank
-        self.world_size = world_size
-        self.seed = seed
-        self.shuffle = shuffle
-        self.shuffle_buffer = shuffle_buffer if shuffle else 0
-        self.resampled = resampled
-        self.all_shards = list(all_shards)
-        self.expect_wrap = expect_wrap  # False (counted epochs): a wrap-around means bad samples (warn)
-        self.max_bad_samples = max_bad_samples
-        self.epoch = 0
-        self.epoch_set = False  # set_epoch called since the last iterator
+    latent_scale: float | None = None  # the factor raw latents are multiplied by (None: the data yields pixels)
+    vae_scale: float | None = None  # the VAE scale of the yielded latents, where known (model.vae_scale must match)
 
-    @property
-    def num_workers(self) -> int:
-        return len(self.quotas)
-
-    def __len__(self) -> int:
-        return sum(self.quotas)
-
-    @property
-    def mode(self) -> str:
-        """``"resampled"``, ``"epoch_length"`` (finite, fixed batches per epoch) or ``"counted"`` (finite, from the
-        sample counts)."""
-        return "resampled" if self.resampled else "epoch_length" if self.expect_wrap else "counted"
-
-    def set_epoch(self, epoch: int) -> None:
-        """The epoch the next iterator reads (Lightning calls this through ``loader.sampler``)."""
-        self.epoch, self.epoch_set = epoch, True
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        if num_workers != self.num_workers:
-            raise RuntimeError(
-                f"ShardStream planned for {self.num_workers} worker(s) runs in a DataLoader with {num_workers}; "
-                "build it through WebDataModule.train_dataloader()"
-            )
-        batches = self.worker_batches(worker, self.epoch)
-        return batches if info is None else _data_errors_as_items(batches)
-
-    def _pass_shards(self, worker: int, epoch: int, repeat: int) -> Iterator[str] | list[str]:
-        if self.resampled:
-            return resample_shards(self.all_shards, stream_rng(self.seed, epoch, _RESAMPLE, self.rank, worker))
-        shards = self.worker_shards[worker]
-        return shuffle_shards(shards, self.seed, epoch, repeat) if self.shuffle else shards
-
-    def worker_batches(self, worker: int, epoch: int) -> Iterator[dict[str, Any]]:
-        """The ``quotas[worker]`` batches worker ``worker`` yields in ``epoch`` (callable without worker processes).
-
-        Raises:
-            RuntimeError: a pass over the worker's shards made no full batch (too few readable samples), or the bad
-                sample budget ran out.
-        """
-        quota = self.quotas[worker]
-        if quota == 0:
-            return
-        where = f"rank {self.rank}, worker {worker}, epoch {epoch}"
-        budget = BadSampleBudget(self.max_bad_samples, where)
-        done = 0
-        for repeat in itertools.count():  # passes over the worker's shards; resampled: one endless pass
-            raw = read_shards(self._pass_shards(worker, epoch, repeat), budget)
-            raw = shuffle_buffer(raw, self.shuffle_buffer, stream_rng(self.seed, epoch, _SHUFFLE, self.rank, worker,
-                                                                      repeat))  # fmt: skip
-            decoded = skip_bad_samples(raw, partial(self.decoder, epoch=epoch, repeat=repeat), budget)
-            before = done
-            for batch in batched(decoded, self.batch_size, collate_samples):
-                yield batch
-                done += 1
-                if done == quota:
-                    return
-            if done == before:
-                raise RuntimeError(
-                    f"{where}: its shards {self.worker_shards[worker][:3]}... hold fewer than batch_size="
-                    f"{self.batch_size} readable samples; lower the batch size, the number of workers or processes"
-                )
-            if not self.expect_wrap:
-                log.warning("%s: %d of %d batches after reading all its shards (bad samples?); wrapping around",
-                            where, done, quota)  # fmt: skip
-
-
-def _data_errors_as_items(batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any] | DataError]:
-    """In a DataLoader worker: ``batches``, and a ``DataError`` they raise as a last item instead of raising it.
-
-    torch re-raises a worker's exception in the main process as a new one whose message is the worker's whole
-    traceback; as an item the error arrives pickled, type and one-line message intact, and ``ShardLoader`` raises it.
-    """
-    try:
-        yield from batches
-    except DataError as err:
-        err.__cause__ = err.__context__ = None  # its message names the cause; the worker's frames stay there
-        yield err
-
-
-class ShardLoader:
-    """The per-rank loader: a ``DataLoader(batch_size=None)`` over a ``ShardStream``, ``len()`` batches per epoch.
-
-    Not a ``torch.utils.data.DataLoader`` itself, so that ``sampler`` can be the stream: Lightning calls
-    ``loader.sampler.set_epoch(epoch)`` at every epoch start (and never re-wraps the loader). Without ``set_epoch``,
-    each new iterator starts the next epoch (``advance=True``) or re-reads the same one (validation).
-
-    Stateful (see the module docstring): ``state_dict()`` is the data position (``epoch``, ``batches_done``: batches
-    the latest iterator handed out, counted here in the main process) and what the stream depends on;
-    after ``load_state_dict()`` the next iterator of that epoch continues after ``batches_done`` batches. It does so
-    by fast-forwarding: the epoch's stream is a function of (seed, epoch, rank, worker plan) and the DataLoader
-    interleaves its workers' batches round-robin in a fixed order, so the first ``batches_done`` batches are read,
-    decoded and dropped in the main process, which is exact for any ``num_workers``. That costs reading those
-    batches again: cheap for latent shards, a full image decode for image shards.
-    """
-
-    def __init__(self, stream: ShardStream, *, num_workers: int = 0, advance: bool = True):
-        if max(1, num_workers) != stream.num_workers:
-            raise ValueError(f"a stream planned for {stream.num_workers} worker(s) cannot run on {num_workers}")
-        self.stream = stream
-        self.sampler = stream  # not ``dataset``: Lightning would warn that an IterableDataset's len may be inexact
-        self.batch_sampler = None  # Lightning's shuffle check of evaluation loaders reads it (batches come whole)
-        self.num_workers = num_workers
-        self.advance = advance
-        self.batches_done = 0  # batches of stream.epoch the latest iterator handed out
-        self._started = False
-        self._resume: tuple[int, int] | None = None  # restored (epoch, batches_done) for the next iterator
-
-    def __len__(self) -> int:
-        return len(self.stream)
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        stream = self.stream
-        if self.advance and self._started and not stream.epoch_set:
-            stream.epoch += 1
-        skip, resume, self._resume = 0, self._resume, None
-        if resume is not None and resume[0] == stream.epoch:  # else set_epoch moved to another epoch: start it
-            skip = min(resume[1], len(self))
-            if skip == len(self) and self.advance:  # the restored epoch was complete: the next one, from its start
-                stream.epoch, skip = stream.epoch + 1, 0
-        stream.epoch_set, self._started = False, True
-        self.batches_done = skip
-        # a private generator: the DataLoader draws its workers' base seed from it, not from the global RNG
-        loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers,
-                            generator=torch.Generator().manual_seed(stream.seed))  # fmt: skip
-        return self._batches(loader, len(self), skip)
-
-    def _batches(self, loader: DataLoader, expected: int, skip: int) -> Iterator[dict[str, Any]]:
-        count = 0
-        for batch in loader:
-            if isinstance(batch, DataError):  # a worker's data fault (``_data_errors_as_items``)
-                raise batch
-            count += 1
-            if count <= skip:  # fast-forward to the restored position: read, decoded, dropped
-                continue
-            self.batches_done = count  # counted when handed out, in this (the main) process
-            yield batch
-        if count != expected:  # a bug, not a data problem: workers wrap around to meet their quotas
-            raise RuntimeError(f"the shard loader yielded {count} batches, planned {expected}")
-
-    def state_dict(self) -> dict[str, Any]:
-        """The data position (plain ints and strings) and what the stream depends on."""
-        s = self.stream
-        return {"epoch": s.epoch, "batches_done": self.batches_done, "batch_size": s.batch_size,
-                "world_size": s.world_size, "seed": s.seed, "mode": s.mode, "num_workers": s.num_workers,
-                "num_batches": len(s)}  # fmt: skip
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue at ``state``'s position: the next iterator of epoch ``epoch`` starts after ``batches_done``
-        batches (a complete epoch: the next iterator starts the next epoch, as without a restore). Another
-        ``set_epoch`` before it drops the position.
-
-        If the world size, batch size, worker count, seed, mode or batches per epoch differ from the checkpoint's, that
-        epoch's stream is another one: warns and restarts the epoch from its beginning. Keys missing from ``state``
-        are taken as unchanged.
-        """
-        s = self.stream
-        epoch, done = int(state["epoch"]), int(state["batches_done"])
-        now = {k: v for k, v in self.state_dict().items() if k not in ("epoch", "batches_done")}
-        changed = {k: (state[k], v) for k, v in now.items() if k in state and state[k] != v}
-        if done >= int(state.get("num_batches", len(self))):
-            done = len(self)  # the epoch was complete: the next iterator starts the next one, whatever changed
-        elif changed and done > 0:
-            detail = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
-            rank_zero_warn(
-                f"train data: cannot continue epoch {epoch} after batch {done}: the checkpoint's data stream differs "
-                f"({detail}); epoch {epoch} restarts from its beginning"
-            )
-            done = 0
-        s.epoch, s.epoch_set = epoch, False
-        self._started = False  # the next iterator reads the restored epoch, not the next one
-        self.batches_done = done
-        self._resume = (epoch, done)
-
-
-class _ShardDataModule(ZigMaDataModule):
-    """Shard lists, rank discovery and the epoch plan shared by the image/latent and video DataModules."""
-
-    def __init__(self, *, shards: str | list[str], val_shards: str | list[str] | None, decoder: SampleDecoder,
-                 batch_size: int, num_workers: int, shuffle_buffer: int, seed: int, resampled: bool,
-                 epoch_length: int | None, max_bad_samples: int, num_predict_samples: int, predict_batch_size: int,
-                 predict_seed: int):  # fmt: skip
+    def __init__(self, shards: str | list[str], val_shards: str | list[str] | None = None, *,
+                 latent_scale: float | None = None, batch_size: int = 32, num_workers: int = 4,
+                 shuffle_buffer: int = 1000, seed: int = 0, resampled: bool = False, epoch_length: int | None = None,
+                 max_bad_samples: int = 100, num_predict_samples: int = 16, predict_batch_size: int = 16,
+                 predict_seed: int = 0):  # fmt: skip
         super().__init__(num_predict_samples, predict_batch_size, predict_seed)
         for name, value, low in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
                                  ("shuffle_buffer", shuffle_buffer, 0), ("seed", seed, 0),
@@ -497,9 +115,10 @@ class _ShardDataModule(ZigMaDataModule):
             raise ValueError(f"data.epoch_length must be >= 1 batches per process; got {epoch_length}")
         if resampled and epoch_length is None:
             raise ValueError("data.resampled=true is an endless stream: set data.epoch_length (batches per process)")
+        if latent_scale is not None and not (math.isfinite(latent_scale) and latent_scale > 0):
+            raise ValueError(f"data.latent_scale must be a finite number > 0 or null; got {latent_scale}")
         self.shards = expand_shards(shards)
         self.val_shards = expand_shards(val_shards) if val_shards is not None else None
-        self.decoder = decoder
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.shuffle_buffer = shuffle_buffer
@@ -508,10 +127,15 @@ class _ShardDataModule(ZigMaDataModule):
         self.epoch_length = epoch_length
         self.max_bad_samples = max_bad_samples
         self._counts: dict[str, int] = {}
-        shapes = self._probe(self.shards)
-        decoder.expect(shapes)
-        if decoder.kind in ("latent", "video"):
-            _check_latent_scale(self.shards, decoder.latent_scale)
+        self.decoder = self.make_decoder(seed)
+        if self.decoder.kind in ("latent", "video"):
+            self.latent_scale, self.vae_scale = resolve_latent_scale(self.shards, latent_scale)
+            self.decoder.latent_scale = self.latent_scale
+        self.decoder.expect(self._probe(self.shards))
+
+    def make_decoder(self, seed: int) -> SampleDecoder:
+        """The subclass's ``SampleDecoder``; its ``latent_scale`` is set afterwards (:func:`resolve_latent_scale`)."""
+        raise NotImplementedError
 
     def _probe(self, shards: Sequence[str]) -> dict[str, tuple[int, ...]]:
         """Shapes of the first decodable sample of ``shards`` (validates the keys at construction).
@@ -620,7 +244,7 @@ class _ShardDataModule(ZigMaDataModule):
         yield from batches_of((s["pixels"] for s in samples), batch_size)
 
 
-class WebDataModule(_ShardDataModule):
+class WebDataModule(ShardDataModule):
     """Image or latent shards, optionally with class labels or caption features.
 
     ``kind="latent"``: batches ``{"x": (B, C, h, w)}`` scaled latents, ``sample_shape = (C, h, w)`` read from the
@@ -630,23 +254,15 @@ class WebDataModule(_ShardDataModule):
     (B, L, d) float32, one of the sample's N_cap captions drawn per sample and epoch, and ``context_dim = d``.
 
     Args:
-        shards: training shards (anything ``expand_shards`` takes).
-        val_shards: validation shards; None: no validation data.
         latent_key: ``;``-separated alternatives; the first a sample holds is read.
         image_key: ``;``-separated alternatives (kind="image").
         label_key: suffix of the class label (a text integer in [0, num_classes)); needs ``num_classes > 0``.
         caption_key: suffix of caption features (N_cap, L, d) or (L, d); exclusive with ``label_key``.
-        latent_scale: raw shard latents are multiplied by it (upstream's 0.18215; 1.0 for pre-scaled latents).
         resolution: images only: the shorter side is resized to it (bicubic) and the centre square cropped.
         hflip: mirror each sample left-right with probability 1/2 (latents: the latent is flipped, which
             approximates the latent of the flipped image).
-        batch_size: samples per batch and process.
-        num_workers: DataLoader worker processes per rank (0: read in the main process).
-        shuffle_buffer: raw samples each worker shuffles through (0 or 1: no sample shuffle).
-        seed: seed of shard orders, sample shuffles and per-sample draws; independent of ``seed_everything``.
-        resampled: draw shards with replacement, endlessly (needs ``epoch_length``).
-        epoch_length: batches per process per epoch; None (finite mode only): from the sample counts.
-        max_bad_samples: unreadable samples or shards tolerated per worker and epoch before an error.
+        loader_settings: the shared settings of ``ShardDataModule`` (shards, val_shards, latent_scale, batch_size,
+            num_workers, shuffle_buffer, seed, resampled, epoch_length, max_bad_samples, predict requests).
     """
 
     def __init__(
@@ -659,45 +275,40 @@ class WebDataModule(_ShardDataModule):
         label_key: str | None = None,
         num_classes: int = 0,
         caption_key: str | None = None,
-        latent_scale: float = 0.18215,
         resolution: int = 256,
         hflip: bool = False,
-        batch_size: int = 32,
-        num_workers: int = 4,
-        shuffle_buffer: int = 1000,
-        seed: int = 0,
-        resampled: bool = False,
-        epoch_length: int | None = None,
-        max_bad_samples: int = 100,
-        num_predict_samples: int = 16,
-        predict_batch_size: int = 16,
-        predict_seed: int = 0,
+        **loader_settings: Any,
     ):
         if kind not in ("latent", "image"):
             raise ValueError(f"data.kind={kind!r}: must be 'latent' or 'image'")
         _check_condition(label_key, num_classes, caption_key)
         if resolution < 1:
             raise ValueError(f"data.resolution must be >= 1; got {resolution}")
-        decoder = SampleDecoder(kind=kind, data_key=latent_key if kind == "latent" else image_key,
-                                label_key=label_key, num_classes=num_classes, caption_key=caption_key,
-                                latent_scale=latent_scale, resolution=resolution, hflip=hflip, seed=seed)  # fmt: skip
-        super().__init__(shards=shards, val_shards=val_shards, decoder=decoder, batch_size=batch_size,
-                         num_workers=num_workers, shuffle_buffer=shuffle_buffer, seed=seed, resampled=resampled,
-                         epoch_length=epoch_length, max_bad_samples=max_bad_samples,
-                         num_predict_samples=num_predict_samples, predict_batch_size=predict_batch_size,
-                         predict_seed=predict_seed)  # fmt: skip
         self.kind = kind
+        self._decoding = dict(
+            kind=kind,
+            data_key=latent_key if kind == "latent" else image_key,
+            label_key=label_key,
+            num_classes=num_classes,
+            caption_key=caption_key,
+            resolution=resolution,
+            hflip=hflip,
+        )
+        super().__init__(shards, val_shards, **loader_settings)
         self.num_classes = num_classes if label_key is not None else 0
-        self.context_dim = decoder.shapes["y"][-1] if caption_key is not None else 0
+        self.context_dim = self.decoder.shapes["y"][-1] if caption_key is not None else 0
         if kind == "latent":
-            self.sample_shape = decoder.shapes["x"]
+            self.sample_shape = self.decoder.shapes["x"]
             self.pixel_shape = None
         else:
             self.sample_shape = None  # the VAE's latent shape: known to the LightningModule, not here
             self.pixel_shape = (3, resolution, resolution)
 
+    def make_decoder(self, seed: int) -> SampleDecoder:
+        return SampleDecoder(**self._decoding, seed=seed)
 
-class VideoWebDataModule(_ShardDataModule):
+
+class VideoWebDataModule(ShardDataModule):
     """Video latent shards (upstream UCF101: ``frame_feature256.npy`` (T, 4, 32, 32) raw latents + ``cls_id.cls``), or
     video frames that the LightningModule encodes with its VAE (``frames_key``).
 
@@ -706,16 +317,22 @@ class VideoWebDataModule(_ShardDataModule):
     3, S, S)}`` in [-1, 1], S = ``resolution``, each frame resized and centre-cropped as ``WebDataModule``'s images;
     ``pixel_shape = (video_frames, 3, S, S)`` and ``sample_shape`` is None (the module's VAE gives the latent shape).
     Clips longer than ``video_frames`` are cropped in time at a start frame drawn per sample and epoch (seeded); clips
-    of exactly ``video_frames`` are used whole; shorter ones are bad samples. Other arguments as in ``WebDataModule``.
+    of exactly ``video_frames`` are used whole; shorter ones are bad samples.
 
     Args:
         video_key: ``;``-separated alternatives for the (T, C, h, w) latents; ignored when ``frames_key`` is set.
+        video_frames: frames per training clip (T of the batches).
+        num_classes: classes of ``label_key`` (101 for UCF101).
         frames_key: ``;``-separated alternatives for the frames: ``<name>.npy`` a uint8 (T, H, W, 3) array (another
             dtype or shape is a bad sample), or an image extension (``jpg``, ``png``) for one member ``<t>.<ext>``
             per frame, in the order of the integer t. None: the shards hold latents (``video_key``).
         resolution: frames only: the shorter side of each frame is resized to it (bicubic) and the centre square
             cropped.
         label_key: suffix of the class label; None: unconditional (``num_classes`` ignored).
+        batch_size: samples per batch and process (a video default: 4).
+        shuffle_buffer: raw clips each worker shuffles through (0 or 1: no sample shuffle).
+        predict_batch_size: samples per ``predict`` batch.
+        loader_settings: the other shared settings of ``ShardDataModule``.
     """
 
     def __init__(
@@ -726,19 +343,12 @@ class VideoWebDataModule(_ShardDataModule):
         video_frames: int = 16,
         label_key: str | None = "cls_id.cls;cls",
         num_classes: int = 101,
-        latent_scale: float = 0.18215,
-        batch_size: int = 4,
-        num_workers: int = 4,
-        shuffle_buffer: int = 100,
-        seed: int = 0,
-        resampled: bool = False,
-        epoch_length: int | None = None,
-        max_bad_samples: int = 100,
-        num_predict_samples: int = 16,
-        predict_batch_size: int = 4,
-        predict_seed: int = 0,
         frames_key: str | None = None,
         resolution: int = 256,
+        batch_size: int = 4,
+        shuffle_buffer: int = 100,
+        predict_batch_size: int = 4,
+        **loader_settings: Any,
     ):
         if video_frames < 1:
             raise ValueError(f"data.video_frames must be >= 1; got {video_frames}")
@@ -746,37 +356,58 @@ class VideoWebDataModule(_ShardDataModule):
             raise ValueError(f"data.resolution must be >= 1; got {resolution}")
         num_classes = num_classes if label_key is not None else 0
         _check_condition(label_key, num_classes, None)
-        decoder = SampleDecoder(kind="video" if frames_key is None else "frames",
-                                data_key=video_key if frames_key is None else frames_key, label_key=label_key,
-                                num_classes=num_classes, latent_scale=latent_scale, resolution=resolution,
-                                video_frames=video_frames, seed=seed)  # fmt: skip
-        super().__init__(shards=shards, val_shards=val_shards, decoder=decoder, batch_size=batch_size,
-                         num_workers=num_workers, shuffle_buffer=shuffle_buffer, seed=seed, resampled=resampled,
-                         epoch_length=epoch_length, max_bad_samples=max_bad_samples,
-                         num_predict_samples=num_predict_samples, predict_batch_size=predict_batch_size,
-                         predict_seed=predict_seed)  # fmt: skip
+        self._decoding = dict(kind="video" if frames_key is None else "frames",
+                              data_key=video_key if frames_key is None else frames_key, label_key=label_key,
+                              num_classes=num_classes, resolution=resolution, video_frames=video_frames)  # fmt: skip
+        super().__init__(shards, val_shards, batch_size=batch_size, shuffle_buffer=shuffle_buffer,
+                         predict_batch_size=predict_batch_size, **loader_settings)  # fmt: skip
         self.video_frames = video_frames
         self.num_classes = num_classes
         if frames_key is None:
-            self.sample_shape = decoder.shapes["x"]
+            self.sample_shape = self.decoder.shapes["x"]
             self.pixel_shape = None
         else:
             self.sample_shape = None  # the VAE's latent shape: known to the LightningModule, not here
             self.pixel_shape = (video_frames, 3, resolution, resolution)
 
+    def make_decoder(self, seed: int) -> SampleDecoder:
+        return SampleDecoder(**self._decoding, seed=seed)
 
-def _check_latent_scale(shards: Sequence[str], latent_scale: float) -> None:
-    """Warn when the shards' manifest (if any) says the latents need another scale than ``latent_scale``."""
+
+def recorded_latent_scale(manifest: Mapping[str, Any]) -> tuple[float, float] | None:
+    """(factor for the stored latents, the VAE scale they end up in) as a manifest records them: raw latents
+    (``latent_scaled`` false) need ``vae.scale``; scaled ones 1.0. None: the manifest records no VAE."""
+    vae = manifest.get("vae")
+    if not vae or vae.get("scale") is None:
+        return None
+    scale = float(vae["scale"])
+    return (1.0, scale) if manifest.get("latent_scaled") else (scale, scale)
+
+
+def resolve_latent_scale(shards: Sequence[str], latent_scale: float | None) -> tuple[float, float | None]:
+    """(factor the raw shard latents are multiplied by, VAE scale of the result or None where unknown).
+
+    With a manifest that records a VAE, the factor is the manifest's (see :func:`recorded_latent_scale`); a set
+    ``latent_scale`` must equal it. Without one, ``latent_scale`` or upstream's ``SD_LATENT_SCALE``; a factor of 1.0
+    means latents stored already scaled, by a VAE scale not known here.
+
+    Raises:
+        ValueError: ``latent_scale`` disagrees with the manifest (one line naming both values).
+    """
     try:
-        manifest = read_manifest(shards)
-    except (FileNotFoundError, ValueError):
-        return
-    vae_scale = (manifest.get("vae") or {}).get("scale")
-    if manifest.get("latent_scaled") and latent_scale != 1.0:
-        rank_zero_warn(f"data.latent_scale={latent_scale}: the manifest says the shards hold scaled latents; set 1.0")
-    elif not manifest.get("latent_scaled") and vae_scale is not None and not math.isclose(vae_scale, latent_scale):
-        rank_zero_warn(f"data.latent_scale={latent_scale}: the shards' manifest records raw latents of a VAE with "
-                       f"scale {vae_scale}; set data.latent_scale={vae_scale}")  # fmt: skip
+        recorded = recorded_latent_scale(read_manifest(shards))
+    except FileNotFoundError:  # shards not written by datamodules.prepare (e.g. upstream's)
+        recorded = None
+    if recorded is None:
+        factor = SD_LATENT_SCALE if latent_scale is None else float(latent_scale)
+        return factor, (factor if factor != 1.0 else None)
+    factor, vae_scale = recorded
+    if latent_scale is not None and not math.isclose(latent_scale, factor, rel_tol=1e-6):
+        held = "latents already scaled" if factor == 1.0 else "raw latents"
+        raise ValueError(f"data.latent_scale={latent_scale}: the shards' manifest records {held} of a VAE with scale "
+                         f"{vae_scale}, which need latent_scale={factor}; leave data.latent_scale unset (null) to "
+                         "take it from the manifest")  # fmt: skip
+    return factor, vae_scale
 
 
 def _check_condition(label_key: str | None, num_classes: int, caption_key: str | None) -> None:

@@ -145,6 +145,8 @@ class FlowMatchingModule(L.LightningModule):
         vae, vae_subfolder, vae_scale, vae_dtype, vae_local_files_only: a frozen diffusers AutoencoderKL (local
             directory or hub id) for latent diffusion: ``"pixels"`` batches are encoded with it and samples decoded.
             It is loaded in ``setup`` and kept outside the module tree (no EMA copy, no optimizer state, not saved).
+            ``vae_scale`` None: the VAE config's ``scaling_factor`` (``SD_LATENT_SCALE`` for the SD VAEs), which is
+            also what ``prepare`` records in a manifest and the DataModules then apply (:meth:`check_latent_scale`).
     """
 
     def __init__(
@@ -185,7 +187,7 @@ class FlowMatchingModule(L.LightningModule):
         max_nonfinite_steps: int = 10,
         vae: str | None = None,
         vae_subfolder: str | None = None,
-        vae_scale: float = 0.18215,
+        vae_scale: float | None = None,
         vae_dtype: str = "float32",
         vae_local_files_only: bool = True,
     ):
@@ -368,6 +370,18 @@ class FlowMatchingModule(L.LightningModule):
         if self._vae is not None:
             self._vae.to(self.device)
         return self._vae
+
+    def check_latent_scale(self, data_scale: float | None) -> None:
+        """Refuse latents scaled by another VAE scale than the one this model decodes with (one line).
+
+        Args:
+            data_scale: the VAE scale of the latents the data yields (``ShardDataModule.vae_scale``); None (pixels,
+                or not known): nothing to check. Nothing is checked either without a VAE (pixel-space model).
+        """
+        if data_scale is None or self.vae is None or math.isclose(self.vae.scale, data_scale, rel_tol=1e-6):
+            return
+        raise ValueError(f"model.vae_scale={self.vae.scale} but the data's latents are scaled by {data_scale} "
+                         f"(data.latent_scale or the shards' manifest): set model.vae_scale={data_scale}")  # fmt: skip
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels in [-1, 1] -> model-space latents with the frozen VAE (no gradients)."""

@@ -1,11 +1,12 @@
 """A frozen Stable Diffusion VAE that maps images in [-1, 1] to model-space latents and back.
 
-Latent conventions (upstream ZigMa, reference §5.1): the posterior of the SD VAE ``AutoencoderKL`` gives raw latents
-z (mean and std, 4 channels, 8x smaller than the image). Shards store raw, unscaled latents (or their moments); the
-model sees ``z' = (z - shift) * scale`` with ``scale = 0.18215``, and decoding undoes this (upstream: ``vae.decode(z /
-0.18215)``). EDM2 (``training/encoders.py::StabilityVAEEncoder``) instead normalises each channel, ``z' = (z - mean) /
-std``; pass ``mean``/``std`` for that (EDM2's target std 0.5 is ``std = raw_std / 0.5``). The scale lives here and in
-:meth:`FrozenVAE.config`, nowhere else.
+Latent conventions (upstream ZigMa, reference §5.1): the posterior of the SD VAE ``AutoencoderKL`` gives raw latents z
+(mean and std, 4 channels, 8x smaller than the image). Shards store raw, unscaled latents (or their moments); the model
+sees ``z' = (z - shift) * scale`` with ``scale`` the VAE's own ``config.scaling_factor`` (0.18215 =
+:data:`SD_LATENT_SCALE` for the SD VAEs), and decoding undoes this (upstream: ``vae.decode(z / 0.18215)``). EDM2
+(``training/encoders.py::StabilityVAEEncoder``) instead normalises each channel, ``z' = (z - mean) / std``; pass
+``mean``/``std`` for that (EDM2's target std 0.5 is ``std = raw_std / 0.5``). The value is defined here only;
+``prepare`` records the scale it used in the shards' manifest (``vae.scale``), from which the DataModules take it.
 
 :class:`FrozenVAE` is deliberately not an ``nn.Module``: assigned to a LightningModule it is never a submodule, so
 it never enters a state dict, an optimizer, ``AveragedModel``'s deep copy (``copy.deepcopy`` returns the same object)
@@ -20,12 +21,14 @@ import logging
 import math
 import os
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
+
+from zigma.pretrained import cache_hint, load_local_first
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +36,6 @@ DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 SD_LATENT_SCALE = 0.18215  # Rombach et al. 2022 (LDM), the SD VAE's latent scaling factor
 VAEDtype = Literal["float32", "float16", "bfloat16"]
 _TORCH_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in get_args(VAEDtype)}
-# config() keys that change which latents a set of images maps to; check_matches compares these.
-MATCH_KEYS = ("name_or_path", "subfolder", "scale", "shift", "mean", "std")
 
 
 def _import_autoencoder_kl():
@@ -45,63 +46,44 @@ def _import_autoencoder_kl():
     return AutoencoderKL
 
 
-def _looks_like_path(name: str) -> bool:
-    """A hub id is ``name`` or ``org/name``; anything with a path prefix or deeper nesting is meant as a directory."""
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
-
-
-def _download_hint(name: str, subfolder: str | None) -> str:
+def _download_hint(name: str, subfolder: str | None = None) -> str:
     sub = f", subfolder={subfolder!r}" if subfolder else ""
     return (
         f"On a machine with internet, download it once, either with `hf download {name} --local-dir <dir>` "
         f"(`huggingface-cli download` on older huggingface_hub; then pass name_or_path='<dir>'{sub}) or with "
         f"`python -c \"from diffusers import AutoencoderKL; AutoencoderKL.from_pretrained('{name}'{sub})"
         ".save_pretrained('<dir>')\"` (then pass name_or_path='<dir>' and no subfolder); copy <dir> here. "
-        "Alternatively fill this machine's Hugging Face cache ($HF_HOME or $HF_HUB_CACHE) and keep "
-        "local_files_only=True."
+        + cache_hint()
     )
 
 
 def _load_autoencoder(name_or_path: str, subfolder: str | None, local_files_only: bool):
-    """``AutoencoderKL.from_pretrained`` from a local directory, else from the hub cache, with one clear error."""
+    """``AutoencoderKL.from_pretrained`` local-first (``zigma.pretrained.load_local_first``), one clear error."""
     AutoencoderKL = _import_autoencoder_kl()
     # Without accelerate, diffusers warns on every load that low_cpu_mem_usage falls back to False: pass it explicitly.
     kwargs: dict[str, Any] = {"subfolder": subfolder}
     if importlib.util.find_spec("accelerate") is None:
         kwargs["low_cpu_mem_usage"] = False
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        try:
-            return AutoencoderKL.from_pretrained(path, local_files_only=True, **kwargs)
-        except OSError as err:
-            where = path / subfolder if subfolder else path
-            raise FileNotFoundError(
-                f"FrozenVAE: name_or_path={name_or_path!r}: {where} is not a diffusers AutoencoderKL directory "
-                "(needs config.json and diffusion_pytorch_model.safetensors, as written by save_pretrained). "
-                f"{_download_hint(DEFAULT_VAE, None)} ({err})"
-            ) from err
-    if _looks_like_path(name_or_path) or path.exists():
-        raise FileNotFoundError(
-            f"FrozenVAE: name_or_path={name_or_path!r} is not a directory. Pass a directory written by "
-            f"AutoencoderKL.save_pretrained or a Hugging Face hub id such as {DEFAULT_VAE!r}. "
-            f"{_download_hint(DEFAULT_VAE, None)}"
-        )
-    try:
+
+    def load(source, local_only: bool):
         with warnings.catch_warnings():
             # diffusers 0.42 passes newer huggingface_hub a deprecated argument on every hub load; nothing to act on.
             warnings.filterwarnings("ignore", "The `local_dir_use_symlinks` argument is deprecated", UserWarning)
-            return AutoencoderKL.from_pretrained(name_or_path, local_files_only=local_files_only, **kwargs)
-    except OSError as err:
-        status = (
-            "is not in the local Hugging Face cache (local_files_only=True: the hub is never contacted)"
-            if local_files_only
-            else "could not be loaded from the Hugging Face hub or its cache (local_files_only=False)"
-        )
-        raise FileNotFoundError(
-            f"FrozenVAE: name_or_path={name_or_path!r}"
-            + (f" (subfolder={subfolder!r})" if subfolder else "")
-            + f" is not a local directory and {status}. {_download_hint(name_or_path, subfolder)} ({err})"
-        ) from err
+            return AutoencoderKL.from_pretrained(source, local_files_only=local_only, **kwargs)
+
+    return load_local_first(
+        name_or_path, load, owner="FrozenVAE", local_files_only=local_files_only, default_id=DEFAULT_VAE,
+        directory_holds="a diffusers AutoencoderKL directory (config.json and diffusion_pytorch_model.safetensors, "
+        "as written by save_pretrained)",
+        hint=lambda name: _download_hint(name, subfolder if name != DEFAULT_VAE else None), subfolder=subfolder,
+    )  # fmt: skip
+
+
+def _refuse_scale_with_stats(scale: float | None, shift: float) -> None:
+    raise ValueError(
+        f"FrozenVAE: pass either a global scale/shift or per-channel mean/std, not both; got {scale=}, {shift=} with "
+        "mean/std (leave scale and shift at their defaults)"
+    )
 
 
 class FrozenVAE:
@@ -116,10 +98,12 @@ class FrozenVAE:
         name_or_path: a directory written by ``AutoencoderKL.save_pretrained``, or a Hugging Face hub id.
         subfolder: the VAE's subfolder inside ``name_or_path`` (``"vae"`` for a whole SD pipeline repo).
         local_files_only: for a hub id, use only the local Hugging Face cache (never the network).
-        scale: global latent scale, z' = (z - shift) * scale.
+        scale: global latent scale, z' = (z - shift) * scale; None: the VAE's ``config.scaling_factor``, or
+            :data:`SD_LATENT_SCALE` for a VAE config without one.
         shift: global latent shift (0 for the SD VAEs; diffusers' ``shift_factor`` for SD3/FLUX VAEs).
         mean: per-channel raw latent means (EDM2 normalisation z' = (z - mean) / std); needs ``std``.
-        std: per-channel divisors, > 0; needs ``mean``. Excludes a non-default ``scale``/``shift``.
+        std: per-channel divisors, > 0; needs ``mean``. Excludes a ``scale`` other than the default and a ``shift``
+            (``scale`` is then unused; :meth:`config` records the default so that a manifest reads as before).
         sample: :meth:`encode` draws a posterior sample (True, as upstream) or returns the posterior mean.
         dtype: the VAE's compute dtype.
         chunk_size: most images per VAE call (bounds activation memory).
@@ -137,7 +121,7 @@ class FrozenVAE:
         *,
         subfolder: str | None = None,
         local_files_only: bool = True,
-        scale: float = SD_LATENT_SCALE,
+        scale: float | None = None,
         shift: float = 0.0,
         mean: Iterable[float] | None = None,
         std: Iterable[float] | None = None,
@@ -152,7 +136,7 @@ class FrozenVAE:
             raise ValueError(f"FrozenVAE: dtype={dtype!r}; must be one of {list(get_args(VAEDtype))}")
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"FrozenVAE: chunk_size={chunk_size!r}; must be an int >= 1")
-        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
             raise ValueError(f"FrozenVAE: scale={scale!r}; must be a finite number > 0")
         if not (isinstance(shift, (int, float)) and math.isfinite(shift)):
             raise ValueError(f"FrozenVAE: shift={shift!r}; must be a finite number")
@@ -161,11 +145,8 @@ class FrozenVAE:
                 f"FrozenVAE: mean and std go together (per-channel z' = (z - mean) / std); got {mean=}, {std=}"
             )
         if mean is not None:
-            if scale != SD_LATENT_SCALE or shift != 0.0:
-                raise ValueError(
-                    f"FrozenVAE: pass either a global scale/shift or per-channel mean/std, not both; got {scale=}, "
-                    f"{shift=} with mean/std (leave scale and shift at their defaults)"
-                )
+            if shift != 0.0:
+                _refuse_scale_with_stats(scale, shift)
             mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
             if len(mean) != len(std):
                 raise ValueError(f"FrozenVAE: mean has {len(mean)} entries but std has {len(std)}")
@@ -174,7 +155,6 @@ class FrozenVAE:
 
         self.name_or_path = str(name_or_path)
         self.subfolder = subfolder
-        self.scale = float(scale)
         self.shift = float(shift)
         self.mean: tuple[float, ...] | None = mean
         self.std: tuple[float, ...] | None = std
@@ -184,6 +164,9 @@ class FrozenVAE:
 
         vae = _load_autoencoder(self.name_or_path, subfolder, local_files_only)
         self._vae = vae.eval().requires_grad_(False)
+        self.scale = float(scale) if scale is not None else self.own_scale
+        if mean is not None and not math.isclose(self.scale, self.own_scale):  # a scale other than the default
+            _refuse_scale_with_stats(scale, shift)
         if mean is not None and len(mean) != self.latent_channels:
             raise ValueError(
                 f"FrozenVAE: mean/std have {len(mean)} entries but {self.name_or_path} has "
@@ -192,6 +175,12 @@ class FrozenVAE:
         self._warn_if_scale_differs()
         self._vae.to(device=device if device is not None else "cpu", dtype=_TORCH_DTYPES[dtype])
         log.info("FrozenVAE: %s", self)
+
+    @property
+    def own_scale(self) -> float:
+        """The VAE config's ``scaling_factor`` (diffusers writes it for every AutoencoderKL it saves), else
+        :data:`SD_LATENT_SCALE`: the default of ``scale``."""
+        return float(getattr(self._vae.config, "scaling_factor", None) or SD_LATENT_SCALE)
 
     def _warn_if_scale_differs(self) -> None:
         """A VAE whose own config disagrees with our global scale (SDXL's 0.13025, FLUX's shift) is likely misused."""
@@ -272,40 +261,6 @@ class FrozenVAE:
             "sample": self.sample,
             "dtype": self.dtype_name,
         }
-
-    def check_matches(self, manifest: Mapping[str, Any], *, ignore: Iterable[str] = ()) -> None:
-        """Raise if latents described by ``manifest`` were written with a different VAE or latent normalisation.
-
-        Args:
-            manifest: the :meth:`config` dict recorded when the latents were written (other keys are ignored).
-                Of :data:`MATCH_KEYS`, those present are compared; floats to a relative 1e-6.
-            ignore: keys not to compare, e.g. ``("name_or_path",)`` when this VAE is a local copy of the hub one.
-
-        Raises:
-            ValueError: names every differing key with both values, or says that no VAE key is present.
-        """
-        ignore = set(ignore)
-        unknown = ignore - set(MATCH_KEYS)
-        if unknown:
-            raise ValueError(f"check_matches: ignore={sorted(unknown)} are not comparable keys {list(MATCH_KEYS)}")
-        present = [k for k in MATCH_KEYS if k in manifest]
-        if not present:
-            raise ValueError(
-                f"check_matches: the manifest has none of the VAE keys {list(MATCH_KEYS)} (has {sorted(manifest)}); "
-                "was it written with FrozenVAE.config()?"
-            )
-        ours = self.config()
-        diffs = [
-            f"{key}: here {ours[key]!r}, manifest {manifest[key]!r}"
-            for key in present
-            if key not in ignore and not same_setting(key, ours[key], manifest[key])
-        ]
-        if diffs:
-            raise ValueError(
-                "VAE mismatch with the latents' manifest (" + "; ".join(diffs) + "). Use the VAE settings the latents "
-                "were written with, or re-encode them; pass ignore=(<key>, ...) for a key known to be equivalent "
-                "(e.g. name_or_path of a local copy of the same VAE)."
-            )
 
     # ------------------------------------------------------------------------------------------------------------
     # Latent normalisation (pure tensor maths, no VAE call)
@@ -438,8 +393,8 @@ class FrozenVAE:
 
 def same_setting(key: str, ours: Any, theirs: Any) -> bool:
     """Whether a setting equals its recorded value up to JSON round trips: tuples as lists, ints as floats, floats
-    to a relative 1e-6, a missing shift as 0, local directories by resolved path. Shared by
-    ``FrozenVAE.check_matches`` and ``datamodules.manifest``."""
+    to a relative 1e-6, a missing shift as 0, local directories by resolved path. Used by
+    ``datamodules.manifest``."""
     if key == "shift":
         ours, theirs = ours or 0.0, theirs or 0.0
     if key == "name_or_path" and ours is not None and theirs is not None:
@@ -460,4 +415,4 @@ def _normalise_name(name: Any) -> str:
     return str(path.resolve()) if path.is_dir() else text
 
 
-__all__ = ["DEFAULT_VAE", "MATCH_KEYS", "SD_LATENT_SCALE", "FrozenVAE", "VAEDtype", "same_setting"]
+__all__ = ["DEFAULT_VAE", "SD_LATENT_SCALE", "FrozenVAE", "VAEDtype", "same_setting"]

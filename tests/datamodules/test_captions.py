@@ -1,4 +1,4 @@
-"""``datamodules.captions.CLIPCaptionEncoder`` and ``prepare --clip`` with a tiny random CLIP text model built offline
+"""``zigma.text_encoder.CLIPCaptionEncoder`` and ``prepare --clip`` with a tiny random CLIP text model built offline
 (hand-written BPE vocabulary, 1 layer, width 16) and the random AutoencoderKL of ``tests/conftest.py``."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.captions import CLIPCaptionEncoder
 from datamodules.manifest import check_manifest
 from datamodules.prepare import main
 from tests.datamodules.test_prepare import RES, all_samples, npy, smooth_image
+from zigma.text_encoder import CLIPCaptionEncoder
 
 pytest.importorskip("transformers", reason="CLIPCaptionEncoder wraps transformers' CLIPTextModel")
 pytest.importorskip("diffusers", reason="prepare encodes latents with FrozenVAE (diffusers' AutoencoderKL)")

@@ -20,8 +20,9 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from datamodules.decoding import _CROP, SampleDecoder
 from datamodules.shards import sample_rng
-from datamodules.webdataset import _CROP, SampleDecoder, VideoWebDataModule
+from datamodules.webdataset import VideoWebDataModule
 from tests.e2e.helpers import run_cli
 
 T, H, W = 4, 20, 24

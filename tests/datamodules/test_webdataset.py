@@ -19,10 +19,11 @@ import pytest
 import torch
 from PIL import Image
 
+from datamodules.decoding import _CAPTION
 from datamodules.errors import BadSampleBudgetExceeded
 from datamodules.manifest import write_manifest
 from datamodules.shards import manifest_counts, sample_rng
-from datamodules.webdataset import _CAPTION, VideoWebDataModule, WebDataModule
+from datamodules.webdataset import VideoWebDataModule, WebDataModule
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -199,6 +200,41 @@ def test_manifest_counts_replace_the_header_scan(make_shards):
     manifest["splits"]["train"]["complete"] = False  # what an interrupted prepare run leaves: provisional counts
     write_manifest(Path(shards[0]).parent, manifest)
     assert manifest_counts(shards) == {}
+
+
+def write_latent_manifest(shards, *, scale: float, scaled: bool) -> None:
+    """A manifest as ``prepare`` writes it for these shards' latents, recording a VAE of ``scale``."""
+    manifest = {"format": "zigma-shards", "version": 1, "kind": "images", "resolution": 8, "keys": {},
+                "latents": "sample", "latent_shape": [4, 4, 4], "latent_scaled": scaled,
+                "vae": {"name_or_path": "vae", "subfolder": None, "scale": scale, "shift": 0.0, "mean": None,
+                        "std": None, "sample": True, "dtype": "float32"},
+                "num_classes": 0, "label_names": [], "caption_feature_shape": None, "splits": {}}  # fmt: skip
+    write_manifest(Path(shards[0]).parent, manifest)
+
+
+def test_latent_scale_comes_from_the_manifest_and_a_disagreeing_one_is_refused(make_shards):
+    """Unset, data.latent_scale is the manifest's (raw latents: vae.scale; scaled latents: 1.0) and ``vae_scale`` is
+    the VAE's; without a manifest upstream's 0.18215 (the test above). A set value that disagrees: one line."""
+    shards = make_shards([4, 4])
+    write_latent_manifest(shards, scale=0.5, scaled=False)
+    dm = attach(WebDataModule(shards, batch_size=4, num_workers=0, shuffle_buffer=0))
+    assert (dm.latent_scale, dm.vae_scale) == (0.5, 0.5)
+    x = next(iter(dm.train_dataloader()))["x"]  # latents filled with their sample index, times 0.5
+    assert sorted((x[:, 0, 0, 0] / 0.5).tolist()) in ([0, 1, 2, 3], [4, 5, 6, 7])
+    assert WebDataModule(shards, batch_size=4, num_workers=0, latent_scale=0.5).latent_scale == 0.5
+    with pytest.raises(
+        ValueError,
+        match=r"^data\.latent_scale=0\.18215: the shards' manifest records raw latents of a "
+        r"VAE with scale 0\.5, which need latent_scale=0\.5; leave data\.latent_scale unset",
+    ):
+        WebDataModule(shards, batch_size=4, num_workers=0, latent_scale=0.18215)
+    write_latent_manifest(shards, scale=0.5, scaled=True)
+    dm = WebDataModule(shards, batch_size=4, num_workers=0)
+    assert (dm.latent_scale, dm.vae_scale) == (1.0, 0.5)
+    with pytest.raises(ValueError, match=r"records latents already scaled .* need latent_scale=1\.0"):
+        WebDataModule(shards, batch_size=4, num_workers=0, latent_scale=0.5)
+    plain = make_shards([4], image="png")  # pixels: no latent scale at all
+    assert WebDataModule(plain, kind="image", resolution=8, batch_size=2, num_workers=0).latent_scale is None
 
 
 # ------------------------------------------------------------------------------------------------------ epochs
@@ -427,3 +463,23 @@ def test_reference_pixels_are_every_validation_image_in_order_unflipped(make_sha
     latents = WebDataModule(make_shards([4]), num_workers=0)
     with pytest.raises(NotImplementedError, match="reads latents, not pixels"):
         next(latents.reference_pixels())
+
+
+def test_model_refuses_latents_of_another_vae_scale(make_shards, tiny_vae_dir):
+    """One latent scale: model.vae_scale unset is the VAE config's (0.18215 = upstream's), which the data applies to
+    manifest-less shards by default; a data scale that differs is refused by the model in one line."""
+    from zigma.flow_module import FlowMatchingModule
+
+    net = {"in_channels": 4, "img_dim": 4, "patch_size": 2, "embed_dim": 16, "depth": 2, "scan_type": "zigzagN8"}
+    model = FlowMatchingModule(net=net, vae=str(tiny_vae_dir))
+    shards = make_shards([4])
+    model.check_latent_scale(WebDataModule(shards, batch_size=2, num_workers=0).vae_scale)
+    model.check_latent_scale(WebDataModule(shards, batch_size=2, num_workers=0, latent_scale=1.0).vae_scale)  # unknown
+    with pytest.raises(
+        ValueError,
+        match=r"^model\.vae_scale=0\.18215 but the data's latents are scaled by 0\.5 "
+        r"\(data\.latent_scale or the shards' manifest\): set model\.vae_scale=0\.5$",
+    ):
+        model.check_latent_scale(WebDataModule(shards, batch_size=2, num_workers=0, latent_scale=0.5).vae_scale)
+    FlowMatchingModule(net=net, vae=str(tiny_vae_dir), vae_scale=0.5).check_latent_scale(0.5)
+    FlowMatchingModule(net=net).check_latent_scale(0.5)  # pixel-space model: nothing to decode with

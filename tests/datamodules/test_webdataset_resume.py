@@ -11,7 +11,8 @@ import lightning as L
 import pytest
 import torch
 
-from datamodules.webdataset import ShardLoader, WebDataModule
+from datamodules.streams import ShardLoader
+from datamodules.webdataset import WebDataModule
 from zigma.flow_module import FlowMatchingModule
 
 

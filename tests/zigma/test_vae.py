@@ -3,6 +3,7 @@
 import copy
 import json
 import logging
+import shutil
 import subprocess
 import sys
 
@@ -200,22 +201,22 @@ def test_vae_config_is_plain_and_rebuilds(vae_dir, vae):
     assert FrozenVAE(**config).config() == config
 
 
-def test_vae_check_matches_names_the_differing_key(vae_dir, vae):
-    manifest = json.loads(json.dumps({**vae.config(), "resolution": 16}))  # as read back from a JSON manifest
-    vae.check_matches(manifest)
-    vae.check_matches({**manifest, "name_or_path": str(vae_dir) + "/"})
-    with pytest.raises(ValueError, match=r"scale: here 0\.18215, manifest 0\.13025"):
-        vae.check_matches({**manifest, "scale": 0.13025})
-    with pytest.raises(ValueError, match=r"name_or_path: here .*manifest 'stabilityai/sd-vae-ft-ema'") as info:
-        vae.check_matches({**manifest, "name_or_path": "stabilityai/sd-vae-ft-ema"})
-    assert "scale" not in str(info.value)
-    vae.check_matches({**manifest, "name_or_path": "stabilityai/sd-vae-ft-ema"}, ignore=("name_or_path",))
-    with pytest.raises(ValueError, match="std: here None"):
-        vae.check_matches({**manifest, "mean": [0.0] * 4, "std": [1.0] * 4})
-    with pytest.raises(ValueError, match="none of the VAE keys"):
-        vae.check_matches({"resolution": 16})
-    with pytest.raises(ValueError, match="not comparable keys"):
-        vae.check_matches(manifest, ignore=("vae_id",))
+def test_vae_scale_defaults_to_its_own_scaling_factor(vae_dir, tmp_path, caplog):
+    """scale=None takes the VAE config's scaling_factor (an SDXL-like 0.13025 here), so no warning; a VAE config
+    without one falls back to SD_LATENT_SCALE; mean/std accept the default scale as given (config() round trip)."""
+    sdxl_like = tmp_path / "vae"
+    shutil.copytree(vae_dir, sdxl_like)
+    config = json.loads((sdxl_like / "config.json").read_text())
+    (sdxl_like / "config.json").write_text(json.dumps({**config, "scaling_factor": 0.13025}))
+    with caplog.at_level(logging.WARNING, logger="zigma.vae"):
+        vae = FrozenVAE(str(sdxl_like))
+    assert vae.scale == 0.13025 and vae.config()["scale"] == 0.13025 and "scaling_factor" not in caplog.text
+    assert FrozenVAE(str(sdxl_like), scale=0.5).scale == 0.5
+    del config["scaling_factor"]
+    (sdxl_like / "config.json").write_text(json.dumps(config))
+    assert FrozenVAE(str(sdxl_like)).scale == SD_LATENT_SCALE
+    stats = FrozenVAE(str(vae_dir), mean=[0.0] * 4, std=[2.0] * 4)
+    assert FrozenVAE(**stats.config()).config() == stats.config()
 
 
 @pytest.mark.parametrize(

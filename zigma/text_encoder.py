@@ -5,10 +5,11 @@ for each of its captions: tokenised with ``max_length=77``, ``padding="max_lengt
 passed (CLIP's text transformer is causal, so padding does not change the states of the real tokens), giving
 (N_cap, 77, 768) float features. :class:`CLIPCaptionEncoder` reproduces this for any ``CLIPTextModel``.
 
-The weights load offline by default (``local_files_only=True``): pass a local directory (written by
-``save_pretrained``, or a downloaded hub snapshot; a Stable Diffusion layout with ``tokenizer/`` and ``text_encoder/``
-works too) or a hub id already in the local Hugging Face cache. ``transformers`` is imported only when an encoder is
-built, so modules importing this one do not need it.
+The weights load offline by default (``local_files_only=True``): pass a local directory (written by ``save_pretrained``,
+or a downloaded hub snapshot; a Stable Diffusion layout with ``tokenizer/`` and ``text_encoder/`` works too) or a hub id
+already in the local Hugging Face cache (``zigma.pretrained.load_local_first``, as the VAE). ``transformers`` is
+imported only when an encoder is built, so ``import zigma`` does not need it. The frozen twin of
+``zigma.vae.FrozenVAE``; ``prepare --clip`` uses it.
 """
 
 from __future__ import annotations
@@ -20,14 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from zigma.pretrained import cache_hint, load_local_first
+
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 CLIP_MAX_LENGTH = 77
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def _looks_like_path(name: str) -> bool:
-    """A hub id is ``name`` or ``org/name``; anything with a path prefix or deeper nesting is meant as a directory."""
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
 
 
 def _download_hint(name: str) -> str:
@@ -35,9 +33,7 @@ def _download_hint(name: str) -> str:
         f"On a machine with internet, download it once with `hf download {name} --local-dir <dir>` "
         '(`huggingface-cli download` on older huggingface_hub), or with `python -c "from transformers import '
         f"CLIPTokenizer, CLIPTextModel; [c.from_pretrained('{name}').save_pretrained('<dir>') for c in "
-        '(CLIPTokenizer, CLIPTextModel)]"`; copy <dir> here and pass it as name_or_path (--clip <dir>). '
-        "Alternatively fill this machine's Hugging Face cache ($HF_HOME or $HF_HUB_CACHE) and keep "
-        "local_files_only=True."
+        '(CLIPTokenizer, CLIPTextModel)]"`; copy <dir> here and pass it as name_or_path (--clip <dir>). ' + cache_hint()
     )
 
 
@@ -97,40 +93,21 @@ class CLIPCaptionEncoder:
     @staticmethod
     def _load(name_or_path: str, local_files_only: bool) -> tuple[Any, Any]:
         CLIPTokenizer, CLIPTextModel = _import_clip()
-        path = Path(name_or_path).expanduser()
-        if path.is_dir():
-            split = (path / "tokenizer").is_dir() and (path / "text_encoder").is_dir()  # Stable Diffusion layout
-            try:
-                tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer" if split else path, local_files_only=True)
-                model = CLIPTextModel.from_pretrained(path / "text_encoder" if split else path, local_files_only=True)
-            except (OSError, ValueError) as err:
-                raise FileNotFoundError(
-                    f"CLIPCaptionEncoder: name_or_path={name_or_path!r}: {path} is not a CLIP tokenizer + text model "
-                    "directory (needs config.json, model.safetensors and tokenizer files: vocab.json + merges.txt "
-                    "or tokenizer.json, as save_pretrained writes). "
-                    f"{_download_hint(DEFAULT_CLIP)} ({type(err).__name__}: {err})"
-                ) from err
+
+        def load(source: str | Path, local_only: bool) -> tuple[Any, Any]:
+            path = Path(source)
+            split = local_only and (path / "tokenizer").is_dir() and (path / "text_encoder").is_dir()  # SD layout
+            tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer" if split else source,
+                                                      local_files_only=local_only)  # fmt: skip
+            model = CLIPTextModel.from_pretrained(path / "text_encoder" if split else source,
+                                                  local_files_only=local_only)  # fmt: skip
             return tokenizer, model
-        if _looks_like_path(name_or_path) or path.exists():
-            raise FileNotFoundError(
-                f"CLIPCaptionEncoder: name_or_path={name_or_path!r} is not a directory. Pass a directory with a CLIP "
-                f"tokenizer and text model or a Hugging Face hub id such as {DEFAULT_CLIP!r}. "
-                f"{_download_hint(DEFAULT_CLIP)}"
-            )
-        try:
-            tokenizer = CLIPTokenizer.from_pretrained(name_or_path, local_files_only=local_files_only)
-            model = CLIPTextModel.from_pretrained(name_or_path, local_files_only=local_files_only)
-        except (OSError, ValueError) as err:
-            status = (
-                "is not in the local Hugging Face cache (local_files_only=True: the hub is never contacted)"
-                if local_files_only
-                else "could not be loaded from the Hugging Face hub or its cache (local_files_only=False)"
-            )
-            raise FileNotFoundError(
-                f"CLIPCaptionEncoder: name_or_path={name_or_path!r} is not a local directory and {status}. "
-                f"{_download_hint(name_or_path)} ({type(err).__name__}: {err})"
-            ) from err
-        return tokenizer, model
+
+        return load_local_first(
+            name_or_path, load, owner="CLIPCaptionEncoder", local_files_only=local_files_only, default_id=DEFAULT_CLIP,
+            directory_holds="a CLIP tokenizer + text model directory (config.json, model.safetensors and tokenizer "
+            "files: vocab.json + merges.txt or tokenizer.json, as save_pretrained writes)", hint=_download_hint,
+        )  # fmt: skip
 
     @property
     def width(self) -> int:
