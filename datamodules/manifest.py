@@ -42,6 +42,7 @@ from typing import Any
 
 import braceexpand
 
+from zigma.files import atomic_write
 from zigma.vae import same_setting
 
 MANIFEST_NAME = "manifest.json"
@@ -57,7 +58,7 @@ VAE_MATCH_KEYS = ("name_or_path", "subfolder", "scale", "shift", "mean", "std")
 
 
 def write_manifest(directory: str | os.PathLike, manifest: Mapping[str, Any]) -> Path:
-    """Write ``manifest`` as ``directory/manifest.json`` atomically (a temporary file, fsync, then rename).
+    """Write ``manifest`` as ``directory/manifest.json`` atomically (``zigma.files.atomic_write``).
 
     Returns: the manifest's path.
     Raises:
@@ -65,13 +66,9 @@ def write_manifest(directory: str | os.PathLike, manifest: Mapping[str, Any]) ->
     """
     validate_manifest(manifest)
     path = Path(directory) / MANIFEST_NAME
-    tmp = path.with_name(f".{MANIFEST_NAME}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(path, "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=2)
         f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     return path
 
 
