@@ -32,16 +32,13 @@ all splits in the directory); ``splits`` holds what each ``prepare`` run wrote::
 
 from __future__ import annotations
 
-import glob
 import json
 import os
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import braceexpand
-
+from datamodules.tars import expand_pattern, spec_parts
 from zigma.files import atomic_write
 from zigma.vae import same_setting
 
@@ -108,18 +105,15 @@ def settings_of(manifest: Mapping[str, Any]) -> dict[str, Any]:
 
 def _manifest_dirs(dir_or_shards: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
     """The directories that hold the shards (or are) named by ``dir_or_shards``, in first-seen order."""
-    parts = [dir_or_shards] if isinstance(dir_or_shards, (str, os.PathLike)) else list(dir_or_shards)
-    specs = [p for part in parts for p in re.split(r"[,\s]+", str(part).strip()) if p]
     dirs: list[Path] = []
-    for spec in specs:
+    for spec in spec_parts(dir_or_shards):
         path = Path(spec).expanduser()
         if path.is_dir():
             found = [path]
         elif path.name == MANIFEST_NAME:
             found = [path.parent]
         else:  # a shard, a brace pattern or a glob: the directories of what it names
-            names = [n for b in braceexpand.braceexpand(str(path)) for n in (glob.glob(b) or [b])]
-            found = [Path(n).parent for n in names]
+            found = [Path(name).parent for name in expand_pattern(str(path))]
         for d in found:
             if d not in dirs:
                 dirs.append(d)

@@ -80,6 +80,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from datamodules.base import ZigMaDataModule
 from datamodules.errors import DataError
+from datamodules.images import batches_of
 from datamodules.manifest import read_manifest
 from datamodules.shards import (
     BadSampleBudget,
@@ -100,7 +101,6 @@ from datamodules.shards import (
     stream_rng,
 )
 from zigma.images import resize_center_crop
-from zigma.metrics.reference import batches_of
 
 log = logging.getLogger("zigma.data")
 
@@ -611,7 +611,7 @@ class _ShardDataModule(ZigMaDataModule):
         if getattr(self, "pixel_shape", None) is None:
             raise NotImplementedError(
                 f"{type(self).__name__} reads latents, not pixels; pass the FID/FVD callback's reference: an .npz "
-                "from `python -m zigma.metrics.reference`, an image folder or image shards with reference_key"
+                "from `zigma reference-stats`, an image folder or image shards with reference_key"
             )
         decoder = copy.copy(self.decoder)
         decoder.hflip = False
