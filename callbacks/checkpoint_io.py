@@ -2,7 +2,7 @@
 
 Writing: Lightning's ``TorchCheckpointIO`` hands the bytes to an fsspec transaction but never fsyncs, so a node
 failure shortly after a save can leave a truncated ``last.ckpt`` behind. ``AtomicCheckpointIO`` writes
-``.<name>.<pid>-<random>.tmp`` in the target directory (``zigma.files.atomic_write``), flushes and fsyncs it, renames it over the target (atomic on POSIX
+``.<name>.<random>.tmp`` in the target directory, flushes and fsyncs it, renames it over the target (atomic on POSIX
 file systems) and fsyncs the directory: a reader sees the old complete file or the new complete file, never a partial
 one. Torn temporary files from a killed writer are ignored by resume (they never end in ``.ckpt``) and removed at the
 next save. A full disk (or quota) during the save raises :class:`CheckpointWriteError`, one line naming the file and

@@ -36,11 +36,17 @@ import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from datamodules.tars import expand_pattern, spec_parts
 from zigma.files import atomic_write
 from zigma.vae import same_setting
+
+if TYPE_CHECKING:
+    from datamodules.captions import CLIPCaptionEncoder
+    from datamodules.prepare.inputs import Inputs
+    from datamodules.prepare.writing import Options
+    from zigma.vae import FrozenVAE
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "zigma-shards"
@@ -52,6 +58,69 @@ REQUIRED_KEYS = ("format", "version", "kind", "resolution", "keys", "latents", "
 SPLIT_KEYS = ("complete", "count", "bad", "bad_paths", "shard_size", "shards", "inputs", "created", "command")
 # FrozenVAE.config() keys that change the meaning of stored latents (zigma.vae.MATCH_KEYS; not imported, see above).
 VAE_MATCH_KEYS = ("name_or_path", "subfolder", "scale", "shift", "mean", "std")
+CROP = "resize-shorter-side-bicubic+center-crop"  # zigma.images.resize_center_crop
+JPEG_QUALITY = 95  # stored jpg images (4:4:4 chroma)
+
+
+def latent_keys(mode: str, latent_key: str) -> dict[str, str]:
+    """Shard key -> what it holds, for a latent mode; ``{}`` for ``none``."""
+    stem = latent_key.removesuffix(".npy")
+    return {
+        "sample": {latent_key: "posterior sample"},
+        "mean": {latent_key: "posterior mean"},
+        "moments": {f"{stem}_mean.npy": "posterior mean", f"{stem}_std.npy": "posterior std"},
+        "both-flips": {latent_key: "posterior samples of the image [0] and of its mirror image [1]"},
+        "none": {},
+    }[mode]
+
+
+def prepared_settings(opts: Options, inputs: Inputs, vae: FrozenVAE | None,
+                      clip: CLIPCaptionEncoder | None = None) -> dict[str, Any]:  # fmt: skip
+    """The manifest's top level (everything but ``splits``) for a ``datamodules.prepare`` run: what every sample of
+    the directory is (see the module docstring)."""
+    S = opts.resolution
+    keys: dict[str, Any] = {"src.txt": {"content": "input path relative to SRC or the list file"}}
+    latent_shape = None
+    if vae is not None:
+        f = vae.downsample_factor
+        latent_shape = [vae.latent_channels, S // f, S // f]
+        if opts.kind == "videos":
+            latent_shape = [opts.frames, *latent_shape]
+        stored = [2, *latent_shape] if opts.latents == "both-flips" else latent_shape
+        for key, content in latent_keys(opts.latents, opts.latent_key).items():
+            keys[key] = {"shape": stored, "dtype": opts.dtype, "content": f"raw (unscaled) VAE {content}"}
+    if opts.image_format is not None and opts.kind == "images":
+        keys[opts.image_format] = {"shape": [S, S, 3], "dtype": "uint8", "crop": CROP,
+                                   "quality": JPEG_QUALITY if opts.image_format == "jpg" else None}  # fmt: skip
+    if inputs.label_names:
+        keys["cls"] = {"content": "class id as decimal text", "num_classes": len(inputs.label_names)}
+    if inputs.caption_feature_shape is not None:
+        keys["caption_feature.npy"] = {"shape": inputs.caption_feature_shape, "dtype": opts.dtype}
+        if clip is not None:
+            keys["caption_feature.npy"]["content"] = "CLIP text model last hidden states of the caption texts"
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "kind": opts.kind,
+        "resolution": S,
+        "crop": CROP,
+        "frames": opts.frames if opts.kind == "videos" else None,
+        "frame_stride": opts.frame_stride if opts.kind == "videos" else None,
+        "keys": keys,
+        "latents": opts.latents,
+        "latent_key": opts.latent_key if vae is not None else None,
+        "latent_shape": latent_shape,
+        "latent_dtype": opts.dtype if vae is not None else None,
+        "latent_scaled": False,
+        "vae": vae.config() if vae is not None else None,
+        "vae_downsample_factor": vae.downsample_factor if vae is not None else None,
+        "num_classes": len(inputs.label_names),
+        "label_names": inputs.label_names,
+        "label_source": inputs.label_source,
+        "caption_feature_shape": inputs.caption_feature_shape,
+        "caption_encoder": clip.config() if clip is not None else None,
+        "seed": opts.seed,
+    }
 
 
 def write_manifest(directory: str | os.PathLike, manifest: Mapping[str, Any]) -> Path:
@@ -236,6 +305,8 @@ __all__ = [
     "VAE_MATCH_KEYS",
     "check_manifest",
     "diff_settings",
+    "latent_keys",
+    "prepared_settings",
     "read_manifest",
     "settings_of",
     "validate_manifest",
