@@ -26,6 +26,7 @@ all splits in the directory); ``splits`` holds what each ``prepare`` run wrote::
                            "inputs": {"count": 9540, "sha256": "..."}, "created": "...", "command": "..."}}
     }
 
+``prepared_settings`` builds the top level for a ``prepare`` run (``latent_keys`` names the latent keys of each mode).
 ``check_manifest`` compares a model's expectations with it (latent shape, VAE, classes, caption width) and raises one
 ``ValueError`` that names every mismatching key with both values. This module imports neither torch nor ``zigma``.
 """
