@@ -304,7 +304,10 @@ class BadSampleBudget:
 def _ends_with_marker(stream: Any) -> bool:
     """Whether the seekable tar ``stream`` ends with the two zero blocks that close every whole tar (the stream is
     left at its start). A file cut exactly between two members ends with a member's data instead (unless that data
-    ends with 1024 zero bytes: then the cut goes unnoticed, as tar's own reading would)."""
+    ends with 1024 zero bytes: then the cut goes unnoticed, as tar's own reading would). A stream that cannot seek
+    (a ``pipe:`` or ``http`` URL) is not checked: only a cut inside a member is found there."""
+    if not getattr(stream, "seekable", lambda: False)():  # webdataset's Pipe has no seekable()
+        return True
     size = stream.seek(0, os.SEEK_END)
     stream.seek(max(0, size - 2 * tarfile.BLOCKSIZE))
     whole = size >= 2 * tarfile.BLOCKSIZE and stream.read() == bytes(2 * tarfile.BLOCKSIZE)
