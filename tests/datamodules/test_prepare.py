@@ -22,11 +22,12 @@ from PIL import Image
 
 from datamodules.manifest import check_manifest, read_manifest
 from datamodules.prepare import prepare_from_argv, sample_generator, to_pixels
-from tests.e2e.helpers import ROOT
 from zigma.images import resize_center_crop as center_crop
 from zigma.vae import FrozenVAE
 
 pytest.importorskip("diffusers", reason="prepare encodes with FrozenVAE (diffusers' AutoencoderKL)")
+
+ROOT = Path(__file__).resolve().parents[2]  # the repository: `python -m datamodules.prepare` runs from there
 
 RES = 16
 LATENT = (4, RES // 2, RES // 2)
