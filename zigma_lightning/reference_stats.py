@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -47,8 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> Path:
-    """Run the command; returns the written ``.npz``."""
+def reference_stats_from_argv(argv: Sequence[str] | None = None) -> Path:
+    """Parse the command line (``sys.argv[1:]`` if None), compute the statistics; returns the written ``.npz``.
+
+    Raises:
+        ValueError, FileNotFoundError: an unreadable source (``main`` prints them in one line).
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.resolution < 1 or args.count < 2 or args.batch_size < 1:
@@ -81,6 +86,17 @@ def main(argv: Sequence[str] | None = None) -> Path:
     return out
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command: 0 when the statistics are written; a bad source prints one line ``error: ...`` to stderr and
+    gives 1 (argparse's usage errors exit with 2)."""
+    try:
+        reference_stats_from_argv(argv)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    main()
+    sys.exit(main())

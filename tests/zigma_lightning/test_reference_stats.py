@@ -8,7 +8,7 @@ from datamodules.images import shard_images
 from datamodules.shards import expand_shards
 from tests.zigma.metrics.test_reference import CountingExtractor
 from zigma.metrics.frechet import GaussianStats
-from zigma_lightning.reference_stats import main
+from zigma_lightning.reference_stats import main, reference_stats_from_argv
 
 
 def test_command_builds_stats_from_an_image_folder(tmp_path, monkeypatch):
@@ -28,7 +28,7 @@ def test_command_builds_stats_from_an_image_folder(tmp_path, monkeypatch):
         return CountingExtractor()
 
     monkeypatch.setattr("zigma.metrics.inception.load_inception", fake_load_inception)
-    out = main(
+    out = reference_stats_from_argv(
         [
             "--images",
             str(folder),
@@ -57,7 +57,9 @@ def test_command_builds_stats_from_an_image_folder(tmp_path, monkeypatch):
         "dim": 6,
     }
     with pytest.raises(SystemExit):
-        main(["--images", str(folder), "--resolution", "16", "--count", "9", "--out", str(tmp_path / "t.npz")])
+        reference_stats_from_argv(
+            ["--images", str(folder), "--resolution", "16", "--count", "9", "--out", str(tmp_path / "t.npz")]
+        )
 
 
 def test_command_reads_images_from_shards_in_order_and_refuses_a_missing_key(tmp_path, monkeypatch):
@@ -84,10 +86,47 @@ def test_command_reads_images_from_shards_in_order_and_refuses_a_missing_key(tmp
     assert len(read) == 5 and all(torch.equal(r, torch.from_numpy(i).permute(2, 0, 1)) for r, i in zip(read, images))
 
     monkeypatch.setattr("zigma.metrics.inception.load_inception", lambda *a, **k: CountingExtractor())
-    out = main(["--shards", pattern, "--image-key", "jpg", "--resolution", "12", "--count", "4", "--out",
-                str(tmp_path / "s.npz"), "--batch-size", "3", "--device", "cpu"])  # fmt: skip
+    out = reference_stats_from_argv(
+        [
+            "--shards",
+            pattern,
+            "--image-key",
+            "jpg",
+            "--resolution",
+            "12",
+            "--count",
+            "4",
+            "--out",
+            str(tmp_path / "s.npz"),
+            "--batch-size",
+            "3",
+            "--device",
+            "cpu",
+        ]
+    )
     stats = GaussianStats.load(out)
     assert stats.count == 4 and stats.meta["dataset"].startswith("shards:") and stats.meta["dataset"].endswith("(2)")
     with pytest.raises(ValueError, match=r"no member with suffix '\.png'"):
-        main(["--shards", pattern, "--image-key", "png", "--resolution", "12", "--count", "4", "--out",
-              str(tmp_path / "t.npz"), "--device", "cpu"])  # fmt: skip
+        reference_stats_from_argv(
+            [
+                "--shards",
+                pattern,
+                "--image-key",
+                "png",
+                "--resolution",
+                "12",
+                "--count",
+                "4",
+                "--out",
+                str(tmp_path / "t.npz"),
+                "--device",
+                "cpu",
+            ]
+        )
+
+
+def test_main_prints_one_error_line_and_returns_1(tmp_path, capsys):
+    (tmp_path / "s.tar").write_bytes(bytes(1024))  # an empty tar: no image under any key
+    argv = ["--shards", str(tmp_path / "s.tar"), "--resolution", "8", "--count", "2", "--out", str(tmp_path / "o.npz")]
+    assert main([*argv, "--device", "cpu", "--inception-weights", str(tmp_path / "none.pth")]) == 1
+    assert capsys.readouterr().err.count("\n") == 1
