@@ -18,7 +18,6 @@ import contextlib
 import errno
 import logging
 import os
-import tempfile
 import time
 import zipfile
 from collections.abc import Iterator
@@ -27,6 +26,8 @@ from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from zigma.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -86,32 +87,18 @@ def _disk_full_error(path: Path, code: int) -> CheckpointWriteError:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` (with CRC-32s) through a fsynced temporary file and an atomic rename; a full disk raises
+    """``torch.save`` (with CRC-32s) through ``zigma.files.atomic_write``; a full disk raises
     :class:`CheckpointWriteError` and leaves the directory as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f, _crc32_recorded():
+        with atomic_write(path) as f, _crc32_recorded():
             torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except Exception as err:
+    except Exception as err:  # the temporary is removed by now: name the newest intact checkpoint
         code = _disk_full_errno(err)
         if code is None:
             raise
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)  # before naming the newest intact checkpoint
         raise _disk_full_error(path, code) from err
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def remove_stale_temporaries(directory: Path, older_than: float = _STALE_TMP_SECONDS) -> None:

@@ -38,19 +38,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from datamodules.images import batches_of, folder_batches, list_images, shard_images
+from datamodules.shards import expand_shards
 from zigma.conditions import class_labels
 from zigma.metrics.frechet import GaussianStats
 from zigma.metrics.i3d import i3d_file, load_i3d, to_i3d_layout
 from zigma.metrics.inception import inception_weights, load_inception, to_uint8
-from zigma.metrics.reference import (
-    batches_of,
-    expand_pattern,
-    folder_batches,
-    list_images,
-    load_reference,
-    reference_stats,
-    shard_images,
-)
+from zigma.metrics.reference import load_reference, reference_stats
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +100,7 @@ class FrechetSettings:
         guidance_scale: classifier-free guidance scale; None takes the module's.
         seed: seed of the noise and class labels of the fakes (the same fakes at every evaluation).
         reference: where the real statistics come from: None (the DataModule's ``reference_pixels``), a statistics
-            ``.npz`` (``python -m zigma.metrics.reference``), an image folder, or tar shards (a path or brace pattern
+            ``.npz`` (``zigma reference-stats``), an image folder, or tar shards (a path or brace pattern
             containing ``.tar``) with images under suffix ``reference_key``.
         reference_key: the image suffix in reference shards (e.g. ``jpg``, ``png``).
         reference_count: real samples in the statistics; None = ``num_samples``.
@@ -202,7 +196,7 @@ class FrechetEvaluation(FrechetSettings, L.Callback):
                 raise ValueError(f"{self.kind}.reference is needed: there is no DataModule to take real pixels from")
             return trainer.datamodule.reference_name
         if ".tar" in self.reference:
-            shards = expand_pattern(self.reference)
+            shards = expand_shards(self.reference)
             return f"shards:{shards[0]}..{shards[-1]}({len(shards)}):{self.reference_key}"
         return str(Path(self.reference).expanduser().resolve())
 
@@ -248,7 +242,7 @@ class FrechetEvaluation(FrechetSettings, L.Callback):
                     )
                 yield item.to_input(pixels)
         elif ".tar" in source:
-            yield from batches_of(shard_images(expand_pattern(source), self.reference_key, size), batch)
+            yield from batches_of(shard_images(expand_shards(source), self.reference_key, size), batch)
         else:
             yield from folder_batches(list_images(source), size, batch)
 

@@ -263,15 +263,12 @@ class SampleWriter(BasePredictionWriter):
 def write_npz(path: Path, samples: torch.Tensor, indices: torch.Tensor) -> None:
     """Writes ``arr_0``: uint8 (N, H, W, C) images or (N, T, H, W, C) clips, round((x + 1) * 127.5) of samples in
     [-1, 1] (the layout ADM's evaluator and clean-fid read), and ``index``: (N,) their global sample indices.
-    Written to a temporary file and renamed, so an interrupted run never leaves a truncated ``.npz``."""
-    import os
-
+    Written atomically (``zigma.files.atomic_write``), so an interrupted run never leaves a truncated ``.npz``."""
     import numpy as np
 
+    from zigma.files import atomic_write
     from zigma.metrics.inception import to_uint8
 
     images = to_uint8(samples).movedim(-3, -1).numpy()  # (..., H, W, C)
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "wb") as f:
+    with atomic_write(path) as f:
         np.savez(f, arr_0=images, index=indices.numpy())
-    os.replace(partial, path)

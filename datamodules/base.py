@@ -72,7 +72,7 @@ class ZigMaDataModule(L.LightningDataModule):
         (N, T, C, H, W) clips, in a fixed order that does not depend on the rank, without augmentation."""
         raise NotImplementedError(
             f"{type(self).__name__} has no real pixels to compute FID/FVD reference statistics from; pass the "
-            "callback's reference: an .npz from `python -m zigma.metrics.reference`, an image folder or image shards"
+            "callback's reference: an .npz from `zigma reference-stats`, an image folder or image shards"
         )
 
 

@@ -26,23 +26,28 @@ all splits in the directory); ``splits`` holds what each ``prepare`` run wrote::
                            "inputs": {"count": 9540, "sha256": "..."}, "created": "...", "command": "..."}}
     }
 
+``prepared_settings`` builds the top level for a ``prepare`` run (``latent_keys`` names the latent keys of each mode).
 ``check_manifest`` compares a model's expectations with it (latent shape, VAE, classes, caption width) and raises one
 ``ValueError`` that names every mismatching key with both values. This module imports neither torch nor ``zigma``.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import os
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import braceexpand
-
+from datamodules.tars import expand_pattern, spec_parts
+from zigma.files import atomic_write
 from zigma.vae import same_setting
+
+if TYPE_CHECKING:
+    from datamodules.prepare.inputs import Inputs
+    from datamodules.prepare.writing import Options
+    from zigma.text_encoder import CLIPCaptionEncoder
+    from zigma.vae import FrozenVAE
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "zigma-shards"
@@ -54,10 +59,73 @@ REQUIRED_KEYS = ("format", "version", "kind", "resolution", "keys", "latents", "
 SPLIT_KEYS = ("complete", "count", "bad", "bad_paths", "shard_size", "shards", "inputs", "created", "command")
 # FrozenVAE.config() keys that change the meaning of stored latents (the one list: FrozenVAE.check_matches is gone).
 VAE_MATCH_KEYS = ("name_or_path", "subfolder", "scale", "shift", "mean", "std")
+CROP = "resize-shorter-side-bicubic+center-crop"  # zigma.images.resize_center_crop
+JPEG_QUALITY = 95  # stored jpg images (4:4:4 chroma)
+
+
+def latent_keys(mode: str, latent_key: str) -> dict[str, str]:
+    """Shard key -> what it holds, for a latent mode; ``{}`` for ``none``."""
+    stem = latent_key.removesuffix(".npy")
+    return {
+        "sample": {latent_key: "posterior sample"},
+        "mean": {latent_key: "posterior mean"},
+        "moments": {f"{stem}_mean.npy": "posterior mean", f"{stem}_std.npy": "posterior std"},
+        "both-flips": {latent_key: "posterior samples of the image [0] and of its mirror image [1]"},
+        "none": {},
+    }[mode]
+
+
+def prepared_settings(opts: Options, inputs: Inputs, vae: FrozenVAE | None,
+                      clip: CLIPCaptionEncoder | None = None) -> dict[str, Any]:  # fmt: skip
+    """The manifest's top level (everything but ``splits``) for a ``datamodules.prepare`` run: what every sample of
+    the directory is (see the module docstring)."""
+    S = opts.resolution
+    keys: dict[str, Any] = {"src.txt": {"content": "input path relative to SRC or the list file"}}
+    latent_shape = None
+    if vae is not None:
+        f = vae.downsample_factor
+        latent_shape = [vae.latent_channels, S // f, S // f]
+        if opts.kind == "videos":
+            latent_shape = [opts.frames, *latent_shape]
+        stored = [2, *latent_shape] if opts.latents == "both-flips" else latent_shape
+        for key, content in latent_keys(opts.latents, opts.latent_key).items():
+            keys[key] = {"shape": stored, "dtype": opts.dtype, "content": f"raw (unscaled) VAE {content}"}
+    if opts.image_format is not None and opts.kind == "images":
+        keys[opts.image_format] = {"shape": [S, S, 3], "dtype": "uint8", "crop": CROP,
+                                   "quality": JPEG_QUALITY if opts.image_format == "jpg" else None}  # fmt: skip
+    if inputs.label_names:
+        keys["cls"] = {"content": "class id as decimal text", "num_classes": len(inputs.label_names)}
+    if inputs.caption_feature_shape is not None:
+        keys["caption_feature.npy"] = {"shape": inputs.caption_feature_shape, "dtype": opts.dtype}
+        if clip is not None:
+            keys["caption_feature.npy"]["content"] = "CLIP text model last hidden states of the caption texts"
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "kind": opts.kind,
+        "resolution": S,
+        "crop": CROP,
+        "frames": opts.frames if opts.kind == "videos" else None,
+        "frame_stride": opts.frame_stride if opts.kind == "videos" else None,
+        "keys": keys,
+        "latents": opts.latents,
+        "latent_key": opts.latent_key if vae is not None else None,
+        "latent_shape": latent_shape,
+        "latent_dtype": opts.dtype if vae is not None else None,
+        "latent_scaled": False,
+        "vae": vae.config() if vae is not None else None,
+        "vae_downsample_factor": vae.downsample_factor if vae is not None else None,
+        "num_classes": len(inputs.label_names),
+        "label_names": inputs.label_names,
+        "label_source": inputs.label_source,
+        "caption_feature_shape": inputs.caption_feature_shape,
+        "caption_encoder": clip.config() if clip is not None else None,
+        "seed": opts.seed,
+    }
 
 
 def write_manifest(directory: str | os.PathLike, manifest: Mapping[str, Any]) -> Path:
-    """Write ``manifest`` as ``directory/manifest.json`` atomically (a temporary file, fsync, then rename).
+    """Write ``manifest`` as ``directory/manifest.json`` atomically (``zigma.files.atomic_write``).
 
     Returns: the manifest's path.
     Raises:
@@ -65,13 +133,9 @@ def write_manifest(directory: str | os.PathLike, manifest: Mapping[str, Any]) ->
     """
     validate_manifest(manifest)
     path = Path(directory) / MANIFEST_NAME
-    tmp = path.with_name(f".{MANIFEST_NAME}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(path, "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=2)
         f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     return path
 
 
@@ -111,18 +175,15 @@ def settings_of(manifest: Mapping[str, Any]) -> dict[str, Any]:
 
 def _manifest_dirs(dir_or_shards: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
     """The directories that hold the shards (or are) named by ``dir_or_shards``, in first-seen order."""
-    parts = [dir_or_shards] if isinstance(dir_or_shards, (str, os.PathLike)) else list(dir_or_shards)
-    specs = [p for part in parts for p in re.split(r"[,\s]+", str(part).strip()) if p]
     dirs: list[Path] = []
-    for spec in specs:
+    for spec in spec_parts(dir_or_shards):
         path = Path(spec).expanduser()
         if path.is_dir():
             found = [path]
         elif path.name == MANIFEST_NAME:
             found = [path.parent]
         else:  # a shard, a brace pattern or a glob: the directories of what it names
-            names = [n for b in braceexpand.braceexpand(str(path)) for n in (glob.glob(b) or [b])]
-            found = [Path(n).parent for n in names]
+            found = [Path(name).parent for name in expand_pattern(str(path))]
         for d in found:
             if d not in dirs:
                 dirs.append(d)
@@ -245,6 +306,8 @@ __all__ = [
     "VAE_MATCH_KEYS",
     "check_manifest",
     "diff_settings",
+    "latent_keys",
+    "prepared_settings",
     "read_manifest",
     "settings_of",
     "validate_manifest",

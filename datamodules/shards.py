@@ -32,14 +32,13 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-import braceexpand
 import numpy as np
 import torch
-from webdataset.handlers import reraise_exception
-from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
+from webdataset.tariterators import base_plus_ext
 
 from datamodules.errors import BadSampleBudgetExceeded
 from datamodules.manifest import read_manifest
+from datamodules.tars import expand_pattern, open_shard, spec_parts, tar_samples
 
 log = logging.getLogger("zigma.data")
 
@@ -58,8 +57,7 @@ def expand_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list
         ValueError: ``spec`` is empty, or a pattern, glob or directory in it matches no existing file (the message
             names that part of ``spec``).
     """
-    parts = [str(spec)] if isinstance(spec, (str, os.PathLike)) else [str(s) for s in spec]
-    parts = [p for part in parts for p in re.split(r"[,\s]+", part.strip()) if p]
+    parts = spec_parts(spec)
     if not parts:
         raise ValueError(f"shards={spec!r}: no shard given; pass a brace pattern, a list of .tar files or a directory")
     paths: set[str] = set()
@@ -69,7 +67,7 @@ def expand_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list
             if not found:
                 raise ValueError(f"shards={spec!r}: directory {part!r} holds no *.tar file")
         else:
-            found = [p for name in braceexpand.braceexpand(part) for p in (glob.glob(name) or [name])]
+            found = expand_pattern(part)
             missing = [p for p in found if not os.path.isfile(p)]
             if missing:
                 raise ValueError(
@@ -146,20 +144,28 @@ def _sample_prefixes(tar: tarfile.TarFile) -> Iterator[str]:
             yield prefix
 
 
+def _read_header_keys(path: str | os.PathLike, keys: list[str]) -> tarfile.TarInfo | None:
+    """Append the sample keys of the tar file ``path`` to ``keys`` in order, from its member headers only (no member
+    data is read, unlike a webdataset reader: ``tarfile``'s random access seeks over it); returns the last member.
+    ``keys`` holds the keys read before an error (a cut inside a member raises ``tarfile.ReadError``)."""
+    with tarfile.open(path, "r:") as tar:
+        for prefix in _sample_prefixes(tar):
+            if not keys or keys[-1] != prefix:
+                keys.append(prefix)
+        return tar.getmembers()[-1] if tar.getmembers() else None
+
+
 def count_shard_samples(path: str) -> int:
     """Samples (distinct consecutive keys) in the tar file ``path``, from its member headers only (no data read).
 
     A truncated or unreadable tar counts the samples before the damage, with a warning.
     """
-    count, last = 0, None
+    keys: list[str] = []
     try:
-        with tarfile.open(path, "r:") as tar:  # random access: iterating seeks over member data
-            for prefix in _sample_prefixes(tar):
-                if prefix != last:
-                    count, last = count + 1, prefix
+        _read_header_keys(path, keys)
     except (OSError, tarfile.TarError) as err:
-        log.warning("counting samples of %s: stopped after %d samples: %s", path, count, err)
-    return count
+        log.warning("counting samples of %s: stopped after %d samples: %s", path, len(keys), err)
+    return len(keys)
 
 
 def complete_shard_keys(path: str | os.PathLike) -> list[str]:
@@ -173,11 +179,7 @@ def complete_shard_keys(path: str | os.PathLike) -> list[str]:
         OSError: the file cannot be read.
     """
     keys: list[str] = []
-    with tarfile.open(path, "r:") as tar:  # raises ReadError for a cut inside a member's data
-        for prefix in _sample_prefixes(tar):
-            if not keys or keys[-1] != prefix:
-                keys.append(prefix)
-        last = tar.getmembers()[-1] if tar.getmembers() else None
+    last = _read_header_keys(path, keys)  # raises ReadError for a cut inside a member's data
     blocks = 0 if last is None else -(-last.size // tarfile.BLOCKSIZE)  # data padded to whole blocks
     end = 0 if last is None else last.offset_data + blocks * tarfile.BLOCKSIZE
     with open(path, "rb") as f:
@@ -302,7 +304,10 @@ class BadSampleBudget:
 def _ends_with_marker(stream: Any) -> bool:
     """Whether the seekable tar ``stream`` ends with the two zero blocks that close every whole tar (the stream is
     left at its start). A file cut exactly between two members ends with a member's data instead (unless that data
-    ends with 1024 zero bytes: then the cut goes unnoticed, as tar's own reading would)."""
+    ends with 1024 zero bytes: then the cut goes unnoticed, as tar's own reading would). A stream that cannot seek
+    (a ``pipe:`` or ``http`` URL) is not checked: only a cut inside a member is found there."""
+    if not getattr(stream, "seekable", lambda: False)():  # webdataset's Pipe has no seekable()
+        return True
     size = stream.seek(0, os.SEEK_END)
     stream.seek(max(0, size - 2 * tarfile.BLOCKSIZE))
     whole = size >= 2 * tarfile.BLOCKSIZE and stream.read() == bytes(2 * tarfile.BLOCKSIZE)
@@ -321,10 +326,9 @@ def read_shards(shards: Iterable[str], budget: BadSampleBudget) -> Iterator[dict
     for url in shards:
         key, held, error = "<first sample>", None, None  # held: the latest sample, yielded once the next starts
         try:
-            with open(url, "rb") as stream:
+            with open_shard(url) as stream:
                 whole = _ends_with_marker(stream)
-                files = tar_file_expander([{"url": url, "stream": stream}], handler=reraise_exception)
-                for sample in group_by_keys(files, handler=reraise_exception):
+                for sample in tar_samples(url, stream):
                     if held is not None:
                         key = f"after {held['__key__']}"
                         yield held

@@ -57,6 +57,7 @@ import torch
 
 from datamodules.base import ZigMaDataModule
 from datamodules.decoding import SampleDecoder
+from datamodules.images import batches_of
 from datamodules.manifest import read_manifest
 from datamodules.shards import (
     BadSampleBudget,
@@ -70,7 +71,6 @@ from datamodules.shards import (
     spread_batches,
 )
 from datamodules.streams import ShardLoader, ShardStream
-from zigma.metrics.reference import batches_of
 from zigma.vae import SD_LATENT_SCALE
 
 log = logging.getLogger("zigma.data")
@@ -235,7 +235,7 @@ class ShardDataModule(ZigMaDataModule):
         if getattr(self, "pixel_shape", None) is None:
             raise NotImplementedError(
                 f"{type(self).__name__} reads latents, not pixels; pass the FID/FVD callback's reference: an .npz "
-                "from `python -m zigma.metrics.reference`, an image folder or image shards with reference_key"
+                "from `zigma reference-stats`, an image folder or image shards with reference_key"
             )
         decoder = copy.copy(self.decoder)
         decoder.hflip = False

@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from zigma.files import atomic_write, write_bytes_atomically
 from zigma.model import ZigMa
 from zigma.presets import PRESETS
 
@@ -142,32 +142,16 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same directory, then rename (never leaves a partial file)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_pretrained(model: ZigMa, directory: str | os.PathLike) -> Path:
     """Save weights (safetensors, persistent buffers included) and the constructor config (JSON)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-
-    def write_config(p):
-        with open(p, "w") as f:
-            json.dump({"model_type": "zigma", **model.config}, f, indent=2, sort_keys=True)
-
-    _atomic_write(directory / CONFIG_NAME, write_config)
+    write_bytes_atomically(directory / WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
+    with atomic_write(directory / CONFIG_NAME, "w") as f:
+        json.dump({"model_type": "zigma", **model.config}, f, indent=2, sort_keys=True)
     return directory
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from datamodules.manifest import check_manifest
-from datamodules.prepare import main
+from datamodules.prepare import prepare_from_argv
 from tests.datamodules.test_prepare import RES, all_samples, npy, smooth_image
 from zigma.text_encoder import CLIPCaptionEncoder
 
@@ -109,7 +109,7 @@ def caption_list(tmp_path) -> Path:
 
 def run(src: Path, out: Path, vae: Path, *extra: str) -> dict:
     argv = ["images", str(src), "--out", str(out), "--vae", str(vae), "--resolution", str(RES), "--shard-size", "3"]
-    return main([*argv, "--latents", "mean", "--quiet", *extra])
+    return prepare_from_argv([*argv, "--latents", "mean", "--quiet", *extra])
 
 
 def test_prepare_encodes_caption_texts(caption_list, tmp_path, tiny_vae_dir, tiny_clip_dir, encoder):

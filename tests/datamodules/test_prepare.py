@@ -21,11 +21,13 @@ import torch
 from PIL import Image
 
 from datamodules.manifest import check_manifest, read_manifest
-from datamodules.prepare import center_crop, main, sample_generator, to_pixels
-from tests.e2e.helpers import ROOT
+from datamodules.prepare import prepare_from_argv, sample_generator, to_pixels
+from zigma.images import resize_center_crop as center_crop
 from zigma.vae import FrozenVAE
 
 pytest.importorskip("diffusers", reason="prepare encodes with FrozenVAE (diffusers' AutoencoderKL)")
+
+ROOT = Path(__file__).resolve().parents[2]  # the repository: `python -m datamodules.prepare` runs from there
 
 RES = 16
 LATENT = (4, RES // 2, RES // 2)
@@ -84,7 +86,7 @@ def run(tiny_vae_dir):
     def _run(kind: str, src: Path, out: Path, *extra: str) -> dict:
         argv = [kind, str(src), "--out", str(out), "--vae", str(tiny_vae_dir), "--resolution", str(RES)]
         argv += ["--shard-size", "5", "--latents", "mean", "--quiet", *extra]
-        return main(argv)
+        return prepare_from_argv(argv)
 
     return _run
 
@@ -225,7 +227,9 @@ def test_prepare_resume_rewrites_only_missing_shards(image_dir, tmp_path, run):
     assert manifest["splits"]["train"]["count"] == 12 and manifest["splits"]["train"]["complete"]
 
     with pytest.raises(ValueError, match="resolution"):  # other settings into the same directory are refused
-        main(["images", str(image_dir), "--out", str(out), "--latents", "none", "--resolution", "8", "--quiet"])
+        prepare_from_argv(
+            ["images", str(image_dir), "--out", str(out), "--latents", "none", "--resolution", "8", "--quiet"]
+        )
 
 
 def tar_members(path: Path) -> list[tuple[tarfile.TarInfo, bytes]]:
@@ -327,7 +331,7 @@ def test_prepare_workers_end_with_a_killed_parent_and_a_rerun_completes(image_di
         proc.stderr.close()
     slow.unlink()
     smooth_image(99, (20, 20)).save(slow)
-    manifest = main(argv)  # the rerun, in this process
+    manifest = prepare_from_argv(argv)  # the rerun, in this process
     split = manifest["splits"]["train"]
     assert split["complete"] and split["count"] == 13 and split["bad"] == 0
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json"] + [f"train-{i:06d}.tar" for i in range(7)]
@@ -471,3 +475,10 @@ def test_prepare_rejects_bad_settings(image_dir, tmp_path, run):
     os.remove(image_dir / "loose.png")
     with pytest.raises(ValueError, match="both-flips"):
         run("videos", image_dir, tmp_path / "c", "--latents", "both-flips")
+
+
+def test_main_prints_one_error_line_and_returns_1(image_dir, tmp_path, capsys):
+    from datamodules.prepare import main
+
+    assert main(["images", str(image_dir), "--out", str(tmp_path / "o"), "--latents", "none", "--no-images"]) == 1
+    assert capsys.readouterr().err == "error: --latents none with --no-images would write empty samples\n"

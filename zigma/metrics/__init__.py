@@ -5,19 +5,7 @@ used."""
 from zigma.metrics.frechet import GaussianStats
 from zigma.metrics.i3d import I3DFeatures, load_i3d, to_i3d_layout
 from zigma.metrics.inception import INCEPTION_WEIGHTS_FILE, InceptionFeatures, load_inception, to_uint8
-
-_REFERENCE = ("compute_stats", "load_reference", "reference_stats")
-
-
-def __getattr__(name: str):
-    # zigma.metrics.reference is imported lazily so `python -m zigma.metrics.reference` does not find it already
-    # imported (runpy's RuntimeWarning).
-    if name in _REFERENCE:
-        from zigma.metrics import reference
-
-        return getattr(reference, name)
-    raise AttributeError(f"module 'zigma.metrics' has no attribute {name!r}")
-
+from zigma.metrics.reference import compute_stats, load_reference, reference_stats
 
 __all__ = [
     "INCEPTION_WEIGHTS_FILE",

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from zigma.files import atomic_write
+
 
 class GaussianStats:
     """Running float64 sums of d-dimensional features: ``update`` adds a batch.
@@ -83,7 +85,7 @@ class GaussianStats:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {**self.meta, "count": self.count, "dim": self.dim}
-        with open(path, "wb") as f:  # an open file keeps np.savez from appending ".npz" to other suffixes
+        with atomic_write(path) as f:  # an open file keeps np.savez from appending ".npz" to other suffixes
             np.savez(
                 f,
                 mu=self.mean.cpu().numpy(),
