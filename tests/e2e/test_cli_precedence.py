@@ -16,9 +16,9 @@ import pytest
 import torch
 import yaml
 
-import cli
 from tests.e2e.helpers import QUICKSTART, tensorboard_scalars
 from zigma.flow_module import lr_lambda
+from zigma_lightning import cli
 
 pytestmark = pytest.mark.slow
 
