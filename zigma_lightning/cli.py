@@ -322,79 +322,15 @@ def unwritable(directory: Path) -> str | None:
 
 def check_model_matches_data(model: FlowMatchingModule, data: ZigMaDataModule | None,
                              checkpoint: str | None = None) -> None:  # fmt: skip
-    """Fail before training when the backbone cannot consume the data's samples or conditions. With a
-    ``checkpoint`` the architecture is its own, so the advice is to use matching data rather than to change it."""
+    """Fail before any step when the model cannot consume what the data yields (``FlowMatchingModule.check_data``
+    against ``ZigMaDataModule.yields``) or differs from the shards' manifest (``ZigMaDataModule.check_manifest``)."""
     if data is None:
         return
-
-    def advice(fix: str = "") -> str:
-        if checkpoint is not None:
-            return f"; the checkpoint {checkpoint} fixes the architecture: use data that fits it"
-        return f"; {fix}" if fix else ""
-
-    net = model.model
-    want = tuple(getattr(data, "sample_shape", ()) or ())
-    pixel_shape = getattr(data, "pixel_shape", None)
-    if pixel_shape is not None and not want:  # images that the module encodes with its VAE
-        if model.vae is None:
-            raise ConfigError(f"the data yields pixels of shape {tuple(pixel_shape)} to encode: set model.vae "
-                              "(a diffusers AutoencoderKL directory or hub id)")  # fmt: skip
-        factor = model.vae.downsample_factor
-        latent = (model.vae.latent_channels, pixel_shape[-2] // factor, pixel_shape[-1] // factor)
-        want = (pixel_shape[0], *latent) if len(pixel_shape) == 4 else latent  # video frames (T, 3, S, S)
-    if want and len(want) != len(model.sample_shape):
-        kind = "video clips (T, C, H, W)" if len(want) == 4 else "images (C, H, W)"
-        frames = want[0] if len(want) == 4 else 0
-        raise ConfigError(f"model.net.video_frames={net.video_frames} does not match the data: "
-                          f"{type(data).__name__} yields {kind} of shape {want}"
-                          + advice(f"set model.net.video_frames={frames}"))  # fmt: skip
-    if want and tuple(model.sample_shape) != want:
-        names = ("video_frames", "in_channels", "img_dim", "img_dim")[-len(want) :]
-        have = dict(zip(names, model.sample_shape))
-        expected = dict(zip(names, want))
-        key = next(k for k in names if have[k] != expected[k])
-        raise ConfigError(f"model.net.{key}={have[key]} does not match the data: {type(data).__name__} yields samples "
-                          f"of shape {want}" + advice(f"set model.net.{key}={expected[key]}"))  # fmt: skip
-    if data.num_classes > 0 and net.num_classes != data.num_classes:
-        raise ConfigError(f"model.net.num_classes={net.num_classes} but the data has {data.num_classes} classes"
-                          + advice())  # fmt: skip
-    if net.num_classes > 0 and data.num_classes == 0:
-        raise ConfigError(f"model.net.num_classes={net.num_classes} but {type(data).__name__} has no class labels"
-                          + advice("set model.net.num_classes=-1"))  # fmt: skip
-    if data.context_dim > 0 and not net.has_text:
-        raise ConfigError("the data carries caption features" + advice("set model.net.has_text=true and "
-                                                                        "model.net.d_context"))  # fmt: skip
-    if net.has_text and data.context_dim == 0:
-        raise ConfigError("model.net.has_text=true but the data has no caption features (data.caption_key)" + advice())
-    if net.has_text and net.config["d_context"] != data.context_dim:
-        raise ConfigError(f"model.net.d_context={net.config['d_context']} but captions have width {data.context_dim}"
-                          + advice())  # fmt: skip
-    check_manifest_matches(model, getattr(data, "shards", None))
-
-
-def check_manifest_matches(model: FlowMatchingModule, shards) -> None:
-    """Shards made by ``datamodules.prepare`` carry a manifest: reject a model whose sample shape, VAE scaling,
-    classes or caption width differ from it (shards without a manifest, e.g. upstream's, are not checked)."""
-    if not shards:
-        return
-    from datamodules.manifest import check_manifest, read_manifest
-
     try:
-        manifest = read_manifest(shards)
-    except FileNotFoundError:
-        return
-    net = model.model
-    try:
-        check_manifest(
-            manifest,
-            sample_shape=model.sample_shape,
-            vae_config=model.vae.config() if model.vae is not None else None,
-            num_classes=net.num_classes if net.num_classes > 0 else None,
-            context_dim=net.config["d_context"] if net.has_text else None,
-            ignore_vae_keys=("name_or_path", "subfolder"),  # the same VAE may live elsewhere on this machine
-        )
+        model.check_data(data.yields(), checkpoint=checkpoint)
+        data.check_manifest(**model.manifest_facts())
     except ValueError as err:
-        raise ConfigError(f"the model does not match the data's manifest: {err}") from err
+        raise ConfigError(str(err)) from err
 
 
 def main(args: list[str] | None = None) -> ZigMaCLI | None:
