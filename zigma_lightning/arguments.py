@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 OWN_FLAGS = {"config", "print_config", "help"}
 
 
@@ -107,6 +109,10 @@ class ArgumentDiagnosis:
             rest = without(args, position)
             if key not in OWN_FLAGS and self.parses(rest):
                 return self.refused_value(key, value, rest)
+        for _, key, value in flags:
+            line = self.unknown_in_config(value, args) if key == "config" and value is not None else None
+            if line is not None:
+                return line
         return None
 
     def parses(self, args: list[str]) -> Any:
@@ -116,9 +122,7 @@ class ArgumentDiagnosis:
             return None
 
     def unknown_key(self, key: str, rest: list[str]) -> str:
-        parts = key.split(".")
-        owner = next((".".join(parts[:n]) for n in range(len(parts) - 1, 0, -1)
-                      if ".".join(parts[:n]) in self.known_keys), None)  # fmt: skip
+        owner = self.owner_of(key)
         if owner is None:
             close = closest_key(key, self.known_keys)
             return f"unknown option --{key}" + (
@@ -130,6 +134,46 @@ class ArgumentDiagnosis:
         close = difflib.get_close_matches(name, accepted, n=1)
         hint = f"; did you mean {close[0]}?" if close else f" (accepted: {', '.join(accepted)})"
         return f"unknown key {name!r} in {owner} ({path}){hint}"
+
+    def unknown_in_config(self, path: str, args: list[str]) -> str | None:
+        """The first key of the YAML config ``path`` that the parser or the configured class does not accept."""
+        try:
+            tree = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError):
+            return None
+        for key, value in self.config_entries(tree):
+            if key not in self.known_keys:
+                if self.owner_of(key):
+                    return None
+                close = closest_key(key, self.known_keys)
+                return f"unknown key {key} in {path}" + (f"; did you mean {close}?" if close else "")
+            if not isinstance(value, dict) or ("init_args" in value and "class_path" not in value):
+                continue  # not a mapping, or init_args of a class another config names
+            given = value.get("init_args", value)
+            cls = import_class(value["class_path"]) if "class_path" in value else self.hinted_class(key)
+            shown = value.get("class_path") or (f"{cls.__module__}.{cls.__qualname__}" if cls is not None else key)
+            accepted = parameters_of(cls) if cls is not None and not takes_any_keyword(cls) else None
+            for name in given if accepted else ():
+                if name not in accepted and name not in ("class_path", "init_args", "dict_kwargs"):
+                    close = difflib.get_close_matches(name, accepted, n=1)
+                    hint = f"; did you mean {close[0]}?" if close else f" (accepted: {', '.join(accepted)})"
+                    return f"unknown key {name!r} in {key} ({shown}){hint} in {path}"
+        return None
+
+    def config_entries(self, tree: Any, prefix: str = "") -> Any:
+        """(dotted key, value) of a config mapping, down to the keys the parser knows (or leaves)."""
+        for name, value in tree.items() if isinstance(tree, dict) else ():
+            key = f"{prefix}{name}"
+            if key in self.known_keys or not isinstance(value, dict):
+                yield key, value
+            else:
+                yield from self.config_entries(value, f"{key}.")
+
+    def owner_of(self, key: str) -> str | None:
+        """The longest known key that ``key`` extends (``model.net`` for ``model.net.depth``), or None."""
+        parts = key.split(".")
+        owners = (".".join(parts[:n]) for n in range(len(parts) - 1, 0, -1))
+        return next((owner for owner in owners if owner in self.known_keys), None)
 
     def class_at(self, owner: str, rest: list[str]) -> tuple[type | None, str]:
         """The class configured at ``owner`` (its ``class_path`` as given, parsed without the unknown key), else the
@@ -159,6 +203,14 @@ class ArgumentDiagnosis:
         if choices is not None:
             return f"{key}={value} is not accepted; expected one of {choices}"
         return f"{key}: Expected a {hint}. Got value: {value}" if hint is not None else f"{key}={value} is not accepted"
+
+
+def takes_any_keyword(cls: Any) -> bool:
+    """Whether ``cls``'s constructor has ``**kwargs`` (its accepted keys are then not all in its signature)."""
+    try:
+        return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(cls).parameters.values())
+    except (ValueError, TypeError):
+        return True
 
 
 def literal_choices(hint: Any) -> str | None:

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 from typing import Literal
 
+import pytest
+
+from tests.e2e.helpers import QUICKSTART
+from zigma_lightning import cli
 from zigma_lightning.arguments import class_of, closest_key, given_flags, literal_choices, without
 
 
@@ -27,3 +31,16 @@ def test_literal_choices_and_class_of():
     assert literal_choices(Literal[1, 2] | Literal["x"]) == "1, 2, 'x'"
     assert literal_choices(float) is None and literal_choices(Literal["a"] | int) is None
     assert class_of(int | None) is int and class_of(int | str) is None
+
+
+@pytest.mark.slow
+def test_unknown_keys_in_a_config_file_are_named_with_the_file(tmp_path, capsys):
+    """In-process CLI: a mistyped key inside a YAML config (not on the command line) still gets one line."""
+    config = tmp_path / "bad.yaml"
+    config.write_text("model:\n  net:\n    embed_dimm: 8\n")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["fit", *QUICKSTART, "--config", str(config), "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: unknown key 'embed_dimm' in model.net (zigma.flow_module.ZigMaArgs); did you mean "
+                      f"embed_dim? in {config}"]  # fmt: skip
