@@ -84,6 +84,8 @@ class ZigMaCLI(LightningCLI):
         if sub is not None:
             self.resolve_checkpoint(sub, self.config[sub])
         self.parsed_config = self.config.clone()
+        if sub is not None:  # LightningCLI would next load the whole checkpoint to replace every model setting with
+            self.config[sub]["ckpt_path"] = None  # its saved ones; restored by before_instantiate_classes
 
     def describe_refusal(self, parser, err: ArgumentError) -> str:
         """Which given argument the parser refused, and why (worked out from the arguments, not the error text)."""
@@ -117,9 +119,10 @@ class ZigMaCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         """Our precedence with a checkpoint (:meth:`apply_checkpoint_settings`) on the configuration as parsed.
 
-        Between :meth:`parse_arguments` and this hook LightningCLI replaces every ``model`` value, the command line's
-        and the configs' too, with the hyper-parameters saved in the checkpoint; the parsed configuration kept by
-        :meth:`parse_arguments` is restored first, so the settings given take effect as documented."""
+        Between :meth:`parse_arguments` and this hook LightningCLI would replace every ``model`` value, the command
+        line's and the configs' too, with the hyper-parameters saved in the checkpoint (a version that no longer has
+        one of them would fail); :meth:`parse_arguments` hides ``ckpt_path`` from that step and the configuration it
+        parsed is restored here, so the settings given take effect as documented."""
         sub = self.config.get("subcommand")
         if sub is None:
             return
@@ -352,6 +355,12 @@ def main(args: list[str] | None = None) -> ZigMaCLI | None:
         if os.environ.get("ZIGMA_DEBUG"):
             raise
         print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except ArgumentError as err:  # LightningCLI's own parse of a checkpoint's saved hyper-parameters
+        if os.environ.get("ZIGMA_DEBUG"):
+            raise
+        print("error: the settings saved in the checkpoint do not fit this version: " + " ".join(str(err).split()),
+              file=sys.stderr)  # fmt: skip
         sys.exit(2)
     except (CheckpointWriteError, DataError) as err:  # a run stopped by its disk (full during a save: the last good
         # checkpoint is kept) or by its data (more damaged samples than data.max_bad_samples): one line, exit 1
