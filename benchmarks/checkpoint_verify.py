@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from callbacks.checkpoint_io import AtomicCheckpointIO, verify_checkpoint  # noqa: E402
+from zigma_lightning.checkpoint_io import AtomicCheckpointIO, verify_checkpoint  # noqa: E402
 
 CHUNK = 1 << 24
 

@@ -18,7 +18,7 @@ next launch records the step it actually started training from (``tests.e2e.help
 equal that highest loadable step. A trial survives when its last launch exits 0 at max_steps with a
 ``last.ckpt`` at max_steps, no corrupt ``.ckpt`` was ever seen in its run directory and every resume started where it
 should. Steps lost per kill = progress minus the step resumed from (updates that had to be trained again). "Loads"
-means ``callbacks.checkpoint_io.verify_checkpoint`` passes: every zip member matches its CRC-32.
+means ``zigma_lightning.checkpoint_io.verify_checkpoint`` passes: every zip member matches its CRC-32.
 
 In-place corruption trials (``--corruption-trials``, issue 13): one run trains ``CORRUPTION_STEPS`` steps, then each
 trial copies it, overwrites 64 bytes in place (same size) in each of the 1-3 newest checkpoints, in a region of the
@@ -48,7 +48,6 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from callbacks.checkpoint_io import CorruptCheckpointError, verify_checkpoint  # noqa: E402
 from tests.e2e.faults import (  # noqa: E402
     MAX_STEPS,
     MOMENTS,
@@ -61,6 +60,7 @@ from tests.e2e.faults import (  # noqa: E402
     start,
     start_resume,
 )
+from zigma_lightning.checkpoint_io import CorruptCheckpointError, verify_checkpoint  # noqa: E402
 
 CORRUPTION_STEPS = 6  # the run that corruption trials damage: checkpoints at steps 1..6 and last.ckpt
 

@@ -9,6 +9,7 @@ Predict batches: ``{"index": (B,) global sample indices, "y": labels or None}``.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import lightning as L
 import torch
@@ -38,12 +39,32 @@ class SampleRequests(Dataset):
         return item
 
 
+@dataclass(frozen=True)
+class DataYields:
+    """What a DataModule's training batches hold, stated before any is read
+    (``FlowMatchingModule.check_data`` checks the model against it).
+
+    source: the DataModule's class name, for messages. sample_shape: one ``"x"`` in the model's space, (C, H, W)
+    or (T, C, H, W); () when the module encodes pixels itself. pixel_shape: those pixels, (3, S, S) or
+    (T, 3, S, S), or None. num_classes: > 0 when ``"y"`` holds class ids. context_dim: > 0 when ``"y"`` holds
+    caption features (N, context_dim). vae_scale: the VAE scale of yielded latents where known (the model must
+    decode with the same), else None."""
+
+    source: str
+    sample_shape: tuple[int, ...]
+    pixel_shape: tuple[int, ...] | None
+    num_classes: int
+    context_dim: int
+    vae_scale: float | None = None
+
+
 class ZigMaDataModule(L.LightningDataModule):
     """Base class: subclasses set ``sample_shape`` and, if conditional, ``num_classes`` / ``context_dim``."""
 
     sample_shape: tuple[int, ...] = ()
     num_classes: int = 0
     context_dim: int = 0  # > 0: captions (B, N, context_dim)
+    vae_scale: float | None = None  # the VAE scale of yielded latents, where known
 
     def __init__(self, num_predict_samples: int = 16, predict_batch_size: int = 16, predict_seed: int = 0):
         super().__init__()
@@ -53,6 +74,31 @@ class ZigMaDataModule(L.LightningDataModule):
         self.num_predict_samples = num_predict_samples
         self.predict_batch_size = predict_batch_size
         self.predict_seed = predict_seed
+
+    def yields(self) -> DataYields:
+        """What the training batches hold (see :class:`DataYields`)."""
+        pixel_shape = getattr(self, "pixel_shape", None)
+        return DataYields(type(self).__name__, tuple(self.sample_shape or ()),
+                          tuple(pixel_shape) if pixel_shape is not None else None, self.num_classes,
+                          self.context_dim, self.vae_scale)  # fmt: skip
+
+    def check_manifest(self, **model_facts) -> None:
+        """Shards made by ``datamodules.prepare`` carry a manifest: raise ValueError when the model's facts
+        (``FlowMatchingModule.manifest_facts``: sample shape, VAE config, classes, caption width) differ from it.
+        Data without shards or without a manifest (e.g. upstream's shards) is not checked."""
+        shards = getattr(self, "shards", None)
+        if not shards:
+            return
+        from datamodules.manifest import check_manifest, read_manifest
+
+        try:
+            manifest = read_manifest(shards)
+        except FileNotFoundError:
+            return
+        try:  # the same VAE may live elsewhere on this machine
+            check_manifest(manifest, **model_facts, ignore_vae_keys=("name_or_path", "subfolder"))
+        except ValueError as err:
+            raise ValueError(f"the model does not match the data's manifest: {err}") from err
 
     def predict_dataloader(self) -> DataLoader:
         requests = SampleRequests(self.num_predict_samples, self.num_classes, self.predict_seed)

@@ -98,7 +98,6 @@ class ShardDataModule(ZigMaDataModule):
     """
 
     latent_scale: float | None = None  # the factor raw latents are multiplied by (None: the data yields pixels)
-    vae_scale: float | None = None  # the VAE scale of the yielded latents, where known (model.vae_scale must match)
 
     def __init__(self, shards: str | list[str], val_shards: str | list[str] | None = None, *,
                  latent_scale: float | None = None, batch_size: int = 32, num_workers: int = 4,

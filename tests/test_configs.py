@@ -44,7 +44,7 @@ class _ParseOnly:
     @classmethod
     def get(cls):
         if cls.parser is None:
-            from cli import ZigMaCLI
+            from zigma_lightning.cli import ZigMaCLI
             from datamodules import ZigMaDataModule
             from zigma.flow_module import FlowMatchingModule
 

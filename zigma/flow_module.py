@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import LearningRateMonitor
 from torch import nn
 
 from zigma.ema import EMA
@@ -245,6 +246,63 @@ class FlowMatchingModule(L.LightningModule):
         frame = (m.in_channels, m.img_dim, m.img_dim)
         return (m.video_frames, *frame) if m.video_frames > 0 else frame
 
+    def check_data(self, data, checkpoint: str | None = None) -> None:
+        """Raise ValueError (one line naming the ``model.net`` key) when the backbone cannot consume what a DataModule
+        yields (``data``: ``datamodules.base.DataYields``: sample or pixel shape, classes, caption width). With a
+        ``checkpoint`` the architecture is its own, so the advice is to use matching data rather than to change it."""
+
+        def advice(fix: str = "") -> str:
+            if checkpoint is not None:
+                return f"; the checkpoint {checkpoint} fixes the architecture: use data that fits it"
+            return f"; {fix}" if fix else ""
+
+        net, want = self.model, tuple(data.sample_shape)
+        if data.pixel_shape is not None and not want:  # images that the module encodes with its VAE
+            if self.vae is None:
+                raise ValueError(f"the data yields pixels of shape {tuple(data.pixel_shape)} to encode: set model.vae "
+                                 "(a diffusers AutoencoderKL directory or hub id)")  # fmt: skip
+            factor, pixels = self.vae.downsample_factor, data.pixel_shape
+            latent = (self.vae.latent_channels, pixels[-2] // factor, pixels[-1] // factor)
+            want = (pixels[0], *latent) if len(pixels) == 4 else latent  # video frames (T, 3, S, S)
+        if want and len(want) != len(self.sample_shape):
+            kind = "video clips (T, C, H, W)" if len(want) == 4 else "images (C, H, W)"
+            frames = want[0] if len(want) == 4 else 0
+            fix = advice(f"set model.net.video_frames={frames}")
+            raise ValueError(f"model.net.video_frames={net.video_frames} does not match the data: {data.source} "
+                             f"yields {kind} of shape {want}{fix}")  # fmt: skip
+        if want and tuple(self.sample_shape) != want:
+            names = ("video_frames", "in_channels", "img_dim", "img_dim")[-len(want) :]
+            have, expected = dict(zip(names, self.sample_shape)), dict(zip(names, want))
+            key = next(k for k in names if have[k] != expected[k])
+            raise ValueError(f"model.net.{key}={have[key]} does not match the data: {data.source} yields samples of "
+                             f"shape {want}" + advice(f"set model.net.{key}={expected[key]}"))  # fmt: skip
+        if data.num_classes > 0 and net.num_classes != data.num_classes:
+            raise ValueError(f"model.net.num_classes={net.num_classes} but the data has {data.num_classes} classes"
+                             + advice())  # fmt: skip
+        if net.num_classes > 0 and data.num_classes == 0:
+            raise ValueError(f"model.net.num_classes={net.num_classes} but {data.source} has no class labels"
+                             + advice("set model.net.num_classes=-1"))  # fmt: skip
+        if data.context_dim > 0 and not net.has_text:
+            raise ValueError("the data carries caption features"
+                             + advice("set model.net.has_text=true and model.net.d_context"))  # fmt: skip
+        if net.has_text and data.context_dim == 0:
+            raise ValueError("model.net.has_text=true but the data has no caption features (data.caption_key)"
+                             + advice())  # fmt: skip
+        if net.has_text and net.config["d_context"] != data.context_dim:
+            raise ValueError(f"model.net.d_context={net.config['d_context']} but captions have width "
+                             f"{data.context_dim}" + advice())  # fmt: skip
+
+    def manifest_facts(self) -> dict:
+        """What a dataset manifest (``datamodules.manifest.check_manifest``) is compared with: the sample shape, the
+        VAE's config, the number of classes and the caption width (None where the model has none)."""
+        net = self.model
+        return {
+            "sample_shape": self.sample_shape,
+            "vae_config": self.vae.config() if self.vae is not None else None,
+            "num_classes": net.num_classes if net.num_classes > 0 else None,
+            "context_dim": net.config["d_context"] if net.has_text else None,
+        }
+
     @torch.no_grad()
     def generate(self, x0: torch.Tensor, y: torch.Tensor | None = None, *, mode: str | None = None,
                  method: str | None = None, num_steps: int | None = None,
@@ -288,7 +346,6 @@ class FlowMatchingModule(L.LightningModule):
             self._skip_nonfinite(f"loss={loss.item()}")
             return None  # Lightning skips backward and the update
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=x.shape[0])
-        self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False, prog_bar=True)
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -416,7 +473,12 @@ class FlowMatchingModule(L.LightningModule):
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_lambda(step, hp.warmup_steps, total, hp.lr_schedule, hp.min_lr_ratio)
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        # "name": LearningRateMonitor's tag, lr/pg1 (decayed parameters) and lr/pg2 (not decayed): the same schedule
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step", "name": "lr"}}
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """Lightning's ``LearningRateMonitor`` logs the learning rate at every logged step (when there is a logger)."""
+        return [LearningRateMonitor(logging_interval="step")] if self.trainer.loggers else []
 
     def on_train_start(self) -> None:
         """Make a restored optimizer and LR schedule follow the current settings.

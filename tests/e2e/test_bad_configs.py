@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-import cli
 from tests.e2e.helpers import QUICKSTART
+from zigma_lightning import cli
 
 pytestmark = pytest.mark.slow
 

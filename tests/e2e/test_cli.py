@@ -34,7 +34,8 @@ def test_fit_writes_tensorboard_tags_and_checkpoints(trained):
     # ThroughputMonitor: device/ tags per process (global train/samples_per_sec is added with > 1 process)
     for tag in [
         "train/loss",
-        "lr",
+        "lr/pg1",  # LearningRateMonitor: decayed and not decayed parameter groups
+        "lr/pg2",
         "grad_norm",
         "train/device/samples_per_sec",
         "train/device/flops_per_sec",

@@ -16,9 +16,9 @@ import pytest
 import torch
 import yaml
 
-import cli
 from tests.e2e.helpers import QUICKSTART, tensorboard_scalars
 from zigma.flow_module import lr_lambda
+from zigma_lightning import cli
 
 pytestmark = pytest.mark.slow
 
@@ -94,10 +94,13 @@ def test_resumed_run_trains_with_the_new_lr_and_says_so(trained, tmp_path, caplo
     assert result.trainer.lr_scheduler_configs[0].scheduler.base_lrs == [0.001, 0.001]
     # quickstart: 50 warm-up steps, cosine over max_steps; the resumed step 2 trained with the new lr
     expected = 0.001 * lr_lambda(2, 50, 3, "cosine", 0.1)
-    assert tensorboard_scalars(tmp_path)["lr"] == [(2, pytest.approx(expected, rel=1e-6))]
+    scalars = tensorboard_scalars(tmp_path)
+    assert scalars["lr/pg1"] == scalars["lr/pg2"] == [(2, pytest.approx(expected, rel=1e-6))]  # LearningRateMonitor
     assert result.model.ema.decay == 0.9
     config = saved_config(tmp_path)["model"]
     assert (config["lr"], config["ema_decay"], config["net"]["depth"]) == (0.001, 0.9, 2)
+    # TensorBoard hides what a killed process logged after the checkpoint: purge_step set in the logger's config
+    assert saved_config(tmp_path)["trainer"]["logger"]["init_args"]["purge_step"] == 2
     saved = torch.load(tmp_path / "quickstart" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
     assert saved["global_step"] == 3 and saved["hyper_parameters"]["lr"] == 0.001
 

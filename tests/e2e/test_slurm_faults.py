@@ -40,8 +40,6 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import cli
-from callbacks.checkpoint_io import AtomicCheckpointIO, atomic_torch_save, remove_stale_temporaries, verify_checkpoint
 from tests.e2e.faults import (
     MAX_STEPS,
     corrupt_in_place,
@@ -52,6 +50,13 @@ from tests.e2e.faults import (
     start,
 )
 from tests.e2e.helpers import ROOT
+from zigma_lightning import resume
+from zigma_lightning.checkpoint_io import (
+    AtomicCheckpointIO,
+    atomic_torch_save,
+    remove_stale_temporaries,
+    verify_checkpoint,
+)
 
 JOB = "4242"
 FINISHED = "`Trainer.fit` stopped: `max_steps="
@@ -183,11 +188,11 @@ def test_find_resume_checkpoint_prefers_newest_loadable_of_hpc_and_last(tmp_path
         (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
         torch.save({"state_dict": {}, "global_step": step}, run_dir / name)
         os.utime(run_dir / name, (1000 + i, 1000 + i))
-    assert cli.find_resume_checkpoint(tmp_path) == run_dir / "hpc_ckpt_1.ckpt"  # newer than last.ckpt: hpc wins
+    assert resume.find_resume_checkpoint(tmp_path) == run_dir / "hpc_ckpt_1.ckpt"  # newer than last.ckpt: hpc wins
     newest = run_dir / "hpc_ckpt_2.ckpt"
     newest.write_bytes(b"\x00" * 100)  # a torn or garbage newest file
     with caplog.at_level("WARNING", logger="zigma.cli"):
-        assert cli.find_resume_checkpoint(tmp_path) == run_dir / "hpc_ckpt_1.ckpt"
+        assert resume.find_resume_checkpoint(tmp_path) == run_dir / "hpc_ckpt_1.ckpt"
     assert [r.getMessage().startswith(f"skipping corrupt checkpoint {newest}: ") for r in caplog.records] == [True]
 
 

@@ -20,15 +20,15 @@ from pathlib import Path
 import pytest
 import torch
 
-import cli
-from callbacks.checkpoint_io import (
+from tests.e2e.faults import FAULTS, REGIONS, corrupt_in_place, region_span
+from zigma_lightning import cli, resume
+from zigma_lightning.checkpoint_io import (
     AtomicCheckpointIO,
     CheckpointWriteError,
     CorruptCheckpointError,
     atomic_torch_save,
     verify_checkpoint,
 )
-from tests.e2e.faults import FAULTS, REGIONS, corrupt_in_place, region_span
 
 CHECKPOINT_SIZE = 264_000  # bytes of a tiny-model checkpoint (tests/e2e/tiny.yaml), to size the small disk
 
@@ -131,7 +131,7 @@ def crc32_off():
 def test_archive_without_crcs_is_accepted_after_a_full_load_with_a_warning(tmp_path, crc32_off, caplog):
     path = tmp_path / "old.ckpt"
     torch.save(lightning_like(), path)  # a writer that skipped the CRCs
-    with caplog.at_level("WARNING", logger="callbacks.checkpoint_io"):
+    with caplog.at_level("WARNING", logger="zigma_lightning.checkpoint_io"):
         assert verify_checkpoint(path)["global_step"] == 3
     assert [r.getMessage() for r in caplog.records] == [
         f"{path} records no CRC-32s (saved with torch.serialization.set_crc32_options(False)): checked by a full "
@@ -162,7 +162,7 @@ def test_find_resume_checkpoint_skips_in_place_corruption_with_one_line_each(tmp
     for i, name in enumerate(names):
         os.utime(run_dir / name, (1000 + i, 1000 + i))  # newest last
     with caplog.at_level("WARNING", logger="zigma.cli"):
-        assert cli.find_resume_checkpoint(tmp_path) == run_dir / "checkpoints/step000003.ckpt"
+        assert resume.find_resume_checkpoint(tmp_path) == run_dir / "checkpoints/step000003.ckpt"
     assert [r.getMessage() for r in caplog.records] == [
         f"skipping corrupt checkpoint {run_dir / 'hpc_ckpt_1.ckpt'}: CRC-32 mismatch in archive/data.pkl (the "
         "file changed after it was written)",
@@ -178,14 +178,14 @@ def test_a_checkpoint_that_cannot_be_read_is_called_unreadable(tmp_path, monkeyp
     def denied(p):
         raise PermissionError(errno.EACCES, "Permission denied", str(p))
 
-    monkeypatch.setattr(cli, "verify_checkpoint", denied)
+    monkeypatch.setattr(resume, "verify_checkpoint", denied)
     with caplog.at_level("WARNING", logger="zigma.cli"):
-        assert cli.find_resume_checkpoint(tmp_path) is None
+        assert resume.find_resume_checkpoint(tmp_path) is None
     assert [r.getMessage() for r in caplog.records] == [
         f"skipping unreadable checkpoint {path}: [Errno 13] Permission denied: '{path}'"
     ]
     with pytest.raises(cli.ConfigError, match=r"unreadable checkpoint: \[Errno 13\] Permission denied"):
-        cli.check_checkpoint_path(str(path))
+        resume.check_checkpoint_path(str(path))
 
 
 @pytest.mark.slow
