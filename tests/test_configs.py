@@ -44,9 +44,9 @@ class _ParseOnly:
     @classmethod
     def get(cls):
         if cls.parser is None:
-            from zigma_lightning.cli import ZigMaCLI
             from datamodules import ZigMaDataModule
             from zigma.flow_module import FlowMatchingModule
+            from zigma_lightning.cli import ZigMaCLI
 
             class ParseOnly(ZigMaCLI):
                 def instantiate_classes(self) -> None:
