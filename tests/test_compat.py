@@ -80,4 +80,3 @@ def test_fit_resumes_from_the_old_checkpoint_at_its_step(tmp_path, monkeypatch):
     }
     (last,) = runs.rglob("last.ckpt")
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == step + 1
-
