@@ -30,17 +30,30 @@ def fitted(tmp_path_factory, random_inception_weights):
     return tmp, runs
 
 
-def test_fit_logs_fid_in_tensorboard_and_validate_reproduces_it_for_a_checkpoint(fitted, random_inception_weights):
+def validate(tmp: Path, ckpt: Path, weights: Path, name: str, *args: str) -> dict:
+    """``cli.py validate`` of ``ckpt`` with the FID settings; returns the TensorBoard scalars it logged."""
+    run_cli("validate", *QUICKSTART, "--ckpt_path", str(ckpt), *args, *fid_args(weights, tmp / "cache"),
+            runs=tmp / name, timeout=300)  # fmt: skip
+    return scalars(tmp / name)
+
+
+@pytest.fixture(scope="module")
+def validated(fitted, random_inception_weights):
+    """``validate`` of the step-4 checkpoint on one process, shared by both tests."""
+    tmp, runs = fitted
+    (ckpt,) = runs.rglob("step000004.ckpt")
+    return ckpt, validate(tmp, ckpt, random_inception_weights, "validate")
+
+
+def test_fit_logs_fid_in_tensorboard_and_validate_reproduces_it_for_a_checkpoint(
+    fitted, validated, random_inception_weights
+):
     tmp, runs = fitted
     during_fit = scalars(runs)
     assert [step for step, _ in during_fit["val/fid_5"]] == [step for step, _ in during_fit["val/loss"]]
     assert len(during_fit["val/fid_5"]) == 2 and all(v == 5 for _, v in during_fit["val/fid_samples"])
-    (ckpt,) = runs.rglob("step000004.ckpt")
-
-    out = tmp / "validate"
-    run_cli("validate", *QUICKSTART, "--ckpt_path", str(ckpt), *fid_args(random_inception_weights, tmp / "cache"),
-            runs=out)  # fmt: skip
-    reproduced = scalars(out)["val/fid_5"][0][1]
+    ckpt, logged = validated
+    reproduced = logged["val/fid_5"][0][1]
     assert reproduced == pytest.approx(during_fit["val/fid_5"][-1][1], rel=1e-4)  # the step-4 EMA, same fakes
 
     out = tmp / "test"
@@ -50,16 +63,14 @@ def test_fit_logs_fid_in_tensorboard_and_validate_reproduces_it_for_a_checkpoint
     assert len(list((tmp / "cache").glob("*.npz"))) == 1  # one reference computation for all three runs
 
 
-def test_ddp_ranks_generate_distinct_fakes_counted_once(fitted, random_inception_weights):
-    tmp, runs = fitted
-    (ckpt,) = runs.rglob("step000004.ckpt")
+def test_ddp_ranks_generate_distinct_fakes_counted_once(fitted, validated, random_inception_weights):
+    """The 2-process validate against the shared 1-process one (quickstart: accelerator cpu, devices 1)."""
+    tmp, _ = fitted
+    ckpt, one = validated
+    two = validate(tmp, ckpt, random_inception_weights, "ddp2", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+                   "--trainer.accelerator", "cpu")  # fmt: skip
     values = {}
-    for devices in (1, 2):
-        out = tmp / f"ddp{devices}"
-        run_cli("validate", *QUICKSTART, "--ckpt_path", str(ckpt), "--trainer.devices", str(devices),
-                "--trainer.strategy", "ddp" if devices == 2 else "auto", "--trainer.accelerator", "cpu",
-                *fid_args(random_inception_weights, tmp / "cache"), runs=out, timeout=300)  # fmt: skip
-        logged = scalars(out)
+    for devices, logged in ((1, one), (2, two)):
         assert logged["val/fid_samples"][0][1] == 5  # 5 fakes split 3 + 2 over two ranks: the sum, not 2 x 5
         values[devices] = logged["val/fid_5"][0][1]
     # the same 5 fakes (noise by global index) whatever the world size; a fake counted twice would change the

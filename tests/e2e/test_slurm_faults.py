@@ -51,7 +51,6 @@ from tests.e2e.faults import (
     probed_step,
     start,
 )
-from tests.e2e.helpers import ROOT
 
 JOB = "4242"
 FINISHED = "`Trainer.fit` stopped: `max_steps="
@@ -382,13 +381,19 @@ def test_new_job_id_starts_a_fresh_run(requeued, tmp_path):
 
 
 @pytest.mark.slow
-def test_devices_times_nodes_must_equal_slurm_ntasks(tmp_path):
-    proc = subprocess.run(fit_command(tmp_path / "runs"), cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env=slurm_env("99", fake_scontrol(tmp_path / "bin"), ntasks=2))  # fmt: skip
-    assert proc.returncode == 2
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "trainer.devices=1" in errors[0] and "trainer.num_nodes=1" in errors[0], proc.stderr
-    assert "SLURM_NTASKS=2" in errors[0] and "Traceback" not in proc.stderr
+def test_devices_times_nodes_must_equal_slurm_ntasks(tmp_path, monkeypatch, capsys):
+    """In-process (``cli.main`` under the same SLURM variables): nothing here needs a separate process."""
+    for key in [k for k in os.environ if k.startswith("SLURM_")]:
+        monkeypatch.delenv(key)
+    for key, value in slurm_env("99", fake_scontrol(tmp_path / "bin"), ntasks=2).items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(fit_command(tmp_path / "runs")[2:])  # the arguments after ``python cli.py``
+    assert exit_info.value.code == 2
+    stderr = capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "trainer.devices=1" in errors[0] and "trainer.num_nodes=1" in errors[0], stderr
+    assert "SLURM_NTASKS=2" in errors[0] and "Traceback" not in stderr
     assert not (tmp_path / "runs").exists()  # nothing started
 
 
