@@ -43,6 +43,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import cli
 from callbacks.checkpoint_io import AtomicCheckpointIO, atomic_torch_save, remove_stale_temporaries, verify_checkpoint
 from tests.e2e.faults import (
+    FAULTS,
     MAX_STEPS,
     corrupt_in_place,
     fit_command,
@@ -51,6 +52,7 @@ from tests.e2e.faults import (
     probed_step,
     start,
 )
+from tests.e2e.helpers import main_in_process
 
 JOB = "4242"
 FINISHED = "`Trainer.fit` stopped: `max_steps="
@@ -196,7 +198,7 @@ def test_corrupt_newest_checkpoints_are_reported_and_resume_uses_previous_good(t
     overwritten in its pickle, step 3 truncated mid-write, step 2 garbage (all newer than step 1 now): the resume names
     each once with the reason and starts from step 1, the newest intact checkpoint."""
     runs = tmp_path / "runs"
-    run(fit_command(runs, "--trainer.max_steps", "4"), tmp_path / "first.log", plain_env())
+    main_in_process("fit", *FAULTS, "--trainer.max_steps", "4", runs=runs)
     ckpts = runs / "quickstart" / "version_0" / "checkpoints"
     last, step4, step3, step2 = (ckpts / n for n in ("last.ckpt", "step000004.ckpt", "step000003.ckpt",
                                                      "step000002.ckpt"))  # fmt: skip
@@ -406,7 +408,8 @@ def test_sigkill_at_random_moments_never_leaves_a_corrupt_checkpoint(tmp_path):
     """>= 10 SIGKILLs (seeded) in start-up, steps and checkpoint writes, resumed runs killed too. After every kill all
     ``.ckpt`` files load with ``weights_only=True`` and the next launch resumes from the furthest of them; every trial
     ends at max_steps with a loadable last.ckpt at max_steps. Up to 5 kills per trial (launches 2-5 are resumed
-    runs), so 10 kills usually take 2 trials: 12 launches instead of 14 with 3 kills per trial."""
+    runs), so 10 kills usually take 2 trials, and the launch that finishes a trial runs in-process: 10 subprocesses
+    instead of 14 (3 kills per trial, each trial finished by a subprocess)."""
     rng = random.Random(0)
     moments = ("startup", "steps", "write")
     kills: list[dict] = []
@@ -422,17 +425,17 @@ def test_sigkill_at_random_moments_never_leaves_a_corrupt_checkpoint(tmp_path):
                                            moments[len(kills) % 3], rng)  # fmt: skip
             launch += 1
             if "rc" in killed:  # it ran to the end before the kill
-                assert killed["rc"] == 0, (work / f"{launch - 1}.log").read_text()[-3000:]
+                final_log = (work / f"{launch - 1}.log").read_text()
+                assert killed["rc"] == 0, final_log[-3000:]
+                assert FINISHED + f"{MAX_STEPS}` reached" in final_log, final_log[-3000:]
                 break
             steps = checkpoint_steps(runs) if runs.exists() else {}  # every .ckpt left behind loads
             killed["resumable"] = max(steps.values(), default=0)
             kills.append({"trial": trial, "launch": launch - 1, **killed})
-        else:
-            run(fit_command(runs, "--ckpt_path", "last", "--trainer.callbacks+=tests.e2e.helpers.StateProbe"),
-                work / f"{launch}.log", plain_env(ZIGMA_STATE_PROBE=str(work / f"{launch}.pt")))  # fmt: skip
+        else:  # the launch that finishes the trial is not killed: in-process (its last.ckpt is checked below)
+            main_in_process("fit", *FAULTS, "--ckpt_path", "last", "--trainer.callbacks+=tests.e2e.helpers.StateProbe",
+                            runs=runs, env={"ZIGMA_STATE_PROBE": str(work / f"{launch}.pt")})  # fmt: skip
             launch += 1
-        final_log = (work / f"{launch - 1}.log").read_text()
-        assert FINISHED + f"{MAX_STEPS}` reached" in final_log, final_log[-3000:]
         for k in (k for k in kills if k["trial"] == trial):  # the next launch started from the furthest checkpoint
             started = probed_step(work / f"{k['launch'] + 1}.pt")
             assert started in (None, k["resumable"]), k  # None: that launch was killed before training started
