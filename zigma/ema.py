@@ -55,11 +55,6 @@ class EMA(nn.Module):
             e.copy_(b)
         self.num_updates += 1
 
-    @torch.no_grad()
-    def copy_from(self, network: nn.Module) -> None:
-        """Reset the average to ``network``'s weights (β = 0)."""
-        self.network.load_state_dict(network.state_dict())
-
     def forward(self, *args, **kwargs):
         return self.network(*args, **kwargs)
 

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import lightning as L
 import torch
@@ -36,6 +37,22 @@ def run_cli(*args: str, runs: Path, check: bool = True, timeout: int = 600, env:
             f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
         )
     return proc
+
+
+def main_in_process(*args: str, runs: Path, env: dict[str, str] | None = None):
+    """``cli.main(args)`` in this process, logging under ``runs`` like :func:`run_cli`, meanwhile without SLURM
+    variables (CI may itself run under SLURM) and with ``env`` set.
+
+    For runs that only produce what a test reads afterwards (checkpoints, probes, TensorBoard files): it skips the
+    interpreter start-up and imports a subprocess pays (~10 s on a loaded 2-core machine). Keep subprocesses for what
+    a separate process proves (signals, kills, SLURM, DDP, exit statuses, console output)."""
+    import cli
+
+    with mock.patch.dict(os.environ):
+        for key in [k for k in os.environ if k.startswith("SLURM_")]:
+            del os.environ[key]
+        os.environ.update(env or {})
+        return cli.main([*args, "--trainer.logger.init_args.save_dir", str(runs)])
 
 
 class StateProbe(L.Callback):

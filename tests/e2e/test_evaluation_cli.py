@@ -2,7 +2,8 @@
 and identical on 1 and 2 DDP processes (gloo), where every fake is counted exactly once.
 
 The quickstart's tiny test model is evaluated against the embedded faces (its DataModule's reference pixels) with the
-real Inception loading code on random weights (64-d pool features, to keep CPU time small).
+real Inception loading code on random weights (64-d pool features, to keep CPU time small). The runs go through
+``cli.main`` in-process, except the 2-process one (Lightning starts rank 1 by re-running the command).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.helpers import QUICKSTART, run_cli
+from tests.e2e.helpers import QUICKSTART, main_in_process, run_cli
 from tests.e2e.helpers import tensorboard_scalars as scalars
 
 pytestmark = pytest.mark.slow
@@ -26,40 +27,55 @@ def fid_args(weights: Path, cache: Path, count: int = 5) -> list[str]:
 def fitted(tmp_path_factory, random_inception_weights):
     tmp = tmp_path_factory.mktemp("fid_fit")
     runs = tmp / "runs"
-    run_cli("fit", *QUICKSTART, *fid_args(random_inception_weights, tmp / "cache"), runs=runs, timeout=300)
+    main_in_process("fit", *QUICKSTART, *fid_args(random_inception_weights, tmp / "cache"), runs=runs)
     return tmp, runs
 
 
-def test_fit_logs_fid_in_tensorboard_and_validate_reproduces_it_for_a_checkpoint(fitted, random_inception_weights):
+def validate(tmp: Path, ckpt: Path, weights: Path, name: str, *args: str, in_subprocess: bool = False) -> dict:
+    """``cli.py validate`` of ``ckpt`` with the FID settings (in-process unless ``in_subprocess``: DDP re-runs the
+    command for rank 1); returns the TensorBoard scalars it logged."""
+    args = ("validate", *QUICKSTART, "--ckpt_path", str(ckpt), *args, *fid_args(weights, tmp / "cache"))
+    if in_subprocess:
+        run_cli(*args, runs=tmp / name, timeout=300)
+    else:
+        main_in_process(*args, runs=tmp / name)
+    return scalars(tmp / name)
+
+
+@pytest.fixture(scope="module")
+def validated(fitted, random_inception_weights):
+    """``validate`` of the step-4 checkpoint on one process, shared by both tests."""
+    tmp, runs = fitted
+    (ckpt,) = runs.rglob("step000004.ckpt")
+    return ckpt, validate(tmp, ckpt, random_inception_weights, "validate")
+
+
+def test_fit_logs_fid_in_tensorboard_and_validate_reproduces_it_for_a_checkpoint(
+    fitted, validated, random_inception_weights
+):
     tmp, runs = fitted
     during_fit = scalars(runs)
     assert [step for step, _ in during_fit["val/fid_5"]] == [step for step, _ in during_fit["val/loss"]]
     assert len(during_fit["val/fid_5"]) == 2 and all(v == 5 for _, v in during_fit["val/fid_samples"])
-    (ckpt,) = runs.rglob("step000004.ckpt")
-
-    out = tmp / "validate"
-    run_cli("validate", *QUICKSTART, "--ckpt_path", str(ckpt), *fid_args(random_inception_weights, tmp / "cache"),
-            runs=out)  # fmt: skip
-    reproduced = scalars(out)["val/fid_5"][0][1]
+    ckpt, logged = validated
+    reproduced = logged["val/fid_5"][0][1]
     assert reproduced == pytest.approx(during_fit["val/fid_5"][-1][1], rel=1e-4)  # the step-4 EMA, same fakes
 
     out = tmp / "test"
-    run_cli("test", *QUICKSTART, "--ckpt_path", str(ckpt), *fid_args(random_inception_weights, tmp / "cache"),
-            runs=out)  # fmt: skip
+    main_in_process("test", *QUICKSTART, "--ckpt_path", str(ckpt), *fid_args(random_inception_weights, tmp / "cache"),
+                    runs=out)  # fmt: skip
     assert scalars(out)["test/fid_5"][0][1] == pytest.approx(reproduced, rel=1e-4)
     assert len(list((tmp / "cache").glob("*.npz"))) == 1  # one reference computation for all three runs
 
 
-def test_ddp_ranks_generate_distinct_fakes_counted_once(fitted, random_inception_weights):
-    tmp, runs = fitted
-    (ckpt,) = runs.rglob("step000004.ckpt")
+def test_ddp_ranks_generate_distinct_fakes_counted_once(fitted, validated, random_inception_weights):
+    """The 2-process validate against the shared 1-process one (quickstart: accelerator cpu, devices 1)."""
+    tmp, _ = fitted
+    ckpt, one = validated
+    two = validate(tmp, ckpt, random_inception_weights, "ddp2", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+                   "--trainer.accelerator", "cpu", in_subprocess=True)  # fmt: skip
     values = {}
-    for devices in (1, 2):
-        out = tmp / f"ddp{devices}"
-        run_cli("validate", *QUICKSTART, "--ckpt_path", str(ckpt), "--trainer.devices", str(devices),
-                "--trainer.strategy", "ddp" if devices == 2 else "auto", "--trainer.accelerator", "cpu",
-                *fid_args(random_inception_weights, tmp / "cache"), runs=out, timeout=300)  # fmt: skip
-        logged = scalars(out)
+    for devices, logged in ((1, one), (2, two)):
         assert logged["val/fid_samples"][0][1] == 5  # 5 fakes split 3 + 2 over two ranks: the sum, not 2 x 5
         values[devices] = logged["val/fid_5"][0][1]
     # the same 5 fakes (noise by global index) whatever the world size; a fake counted twice would change the

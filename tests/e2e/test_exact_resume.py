@@ -2,6 +2,9 @@
 SIGUSR1 path) and resumed ends bit-for-bit where the uninterrupted run ends (raw and EMA weights, AdamW state), and
 its training batches, step by step, are the uninterrupted run's (no batch repeated or skipped).
 
+Runs that are neither killed nor under SLURM (the uninterrupted reference, the resume after SIGKILL) use ``cli.main``
+in-process; the others are subprocesses.
+
 Setup: the tiny quickstart model, 100 faces in batches of 16 (6 batches per epoch, 4 faces dropped), N = 10 steps,
 so every run crosses the epoch boundary after step 6; checkpoints after every step; validation every 4 steps.
 """
@@ -17,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.helpers import QUICKSTART, ROOT, run_cli
+from tests.e2e.helpers import QUICKSTART, ROOT, main_in_process, run_cli
 from tests.e2e.probes import by_step, load, loader_state, max_differences, read_batches
 
 pytestmark = pytest.mark.slow
@@ -97,7 +100,7 @@ def report(name: str, diffs: dict[str, float]) -> None:
 def uninterrupted(tmp_path_factory):
     """(a) N steps in one go: (final last.ckpt, batch records)."""
     tmp = tmp_path_factory.mktemp("uninterrupted")
-    run_cli(*fit_args(tmp), runs=tmp / "runs", env={"ZIGMA_BATCH_PROBE": str(tmp / "batches")})
+    main_in_process(*fit_args(tmp), runs=tmp / "runs", env={"ZIGMA_BATCH_PROBE": str(tmp / "batches")})
     final = load(tmp / "runs" / "quickstart" / "version_0" / "checkpoints" / "last.ckpt")
     assert final["global_step"] == N_STEPS
     assert loader_state(final)["epoch"] == 1 and loader_state(final)["batches_done"] == N_STEPS - BATCHES_PER_EPOCH
@@ -118,7 +121,8 @@ def test_sigkill_after_a_mid_epoch_checkpoint_then_resume_last_is_exact(uninterr
     assert saved["global_step"] == k
     assert loader_state(saved)["epoch"] == 0 and loader_state(saved)["batches_done"] == k  # mid-epoch
 
-    run_cli(*fit_args(tmp_path), "--ckpt_path", "last", runs=runs, env={"ZIGMA_BATCH_PROBE": str(tmp_path / "second")})
+    main_in_process(*fit_args(tmp_path), "--ckpt_path", "last", runs=runs,
+                    env={"ZIGMA_BATCH_PROBE": str(tmp_path / "second")})  # fmt: skip
     final = load(checkpoints / "last.ckpt")
     assert final["global_step"] == N_STEPS
     assert loader_state(final) == loader_state(reference)

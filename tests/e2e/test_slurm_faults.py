@@ -41,6 +41,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.e2e.faults import (
+    FAULTS,
     MAX_STEPS,
     corrupt_in_place,
     fit_command,
@@ -49,8 +50,8 @@ from tests.e2e.faults import (
     probed_step,
     start,
 )
-from tests.e2e.helpers import ROOT
-from zigma_lightning import resume
+from tests.e2e.helpers import main_in_process
+from zigma_lightning import cli, resume
 from zigma_lightning.checkpoint_io import (
     AtomicCheckpointIO,
     atomic_torch_save,
@@ -202,7 +203,7 @@ def test_corrupt_newest_checkpoints_are_reported_and_resume_uses_previous_good(t
     overwritten in its pickle, step 3 truncated mid-write, step 2 garbage (all newer than step 1 now): the resume names
     each once with the reason and starts from step 1, the newest intact checkpoint."""
     runs = tmp_path / "runs"
-    run(fit_command(runs, "--trainer.max_steps", "4"), tmp_path / "first.log", plain_env())
+    main_in_process("fit", *FAULTS, "--trainer.max_steps", "4", runs=runs)
     ckpts = runs / "quickstart" / "version_0" / "checkpoints"
     last, step4, step3, step2 = (ckpts / n for n in ("last.ckpt", "step000004.ckpt", "step000003.ckpt",
                                                      "step000002.ckpt"))  # fmt: skip
@@ -387,22 +388,33 @@ def test_new_job_id_starts_a_fresh_run(requeued, tmp_path):
 
 
 @pytest.mark.slow
-def test_devices_times_nodes_must_equal_slurm_ntasks(tmp_path):
-    proc = subprocess.run(fit_command(tmp_path / "runs"), cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env=slurm_env("99", fake_scontrol(tmp_path / "bin"), ntasks=2))  # fmt: skip
-    assert proc.returncode == 2
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "trainer.devices=1" in errors[0] and "trainer.num_nodes=1" in errors[0], proc.stderr
-    assert "SLURM_NTASKS=2" in errors[0] and "Traceback" not in proc.stderr
+def test_devices_times_nodes_must_equal_slurm_ntasks(tmp_path, monkeypatch, capsys):
+    """In-process (``cli.main`` under the same SLURM variables): nothing here needs a separate process."""
+    for key in [k for k in os.environ if k.startswith("SLURM_")]:
+        monkeypatch.delenv(key)
+    for key, value in slurm_env("99", fake_scontrol(tmp_path / "bin"), ntasks=2).items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(fit_command(tmp_path / "runs")[2:])  # the arguments after ``python cli.py``
+    assert exit_info.value.code == 2
+    stderr = capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "trainer.devices=1" in errors[0] and "trainer.num_nodes=1" in errors[0], stderr
+    assert "SLURM_NTASKS=2" in errors[0] and "Traceback" not in stderr
     assert not (tmp_path / "runs").exists()  # nothing started
 
 
 # ------------------------------------------------------------------------------------------- SIGKILL fault injection
+KILLS_PER_TRIAL = 5
+
+
 @pytest.mark.slow
 def test_sigkill_at_random_moments_never_leaves_a_corrupt_checkpoint(tmp_path):
     """>= 10 SIGKILLs (seeded) in start-up, steps and checkpoint writes, resumed runs killed too. After every kill all
     ``.ckpt`` files load with ``weights_only=True`` and the next launch resumes from the furthest of them; every trial
-    ends at max_steps with a loadable last.ckpt at max_steps."""
+    ends at max_steps with a loadable last.ckpt at max_steps. Up to 5 kills per trial (launches 2-5 are resumed
+    runs), so 10 kills usually take 2 trials, and the launch that finishes a trial runs in-process: 10 subprocesses
+    instead of 14 (3 kills per trial, each trial finished by a subprocess)."""
     rng = random.Random(0)
     moments = ("startup", "steps", "write")
     kills: list[dict] = []
@@ -413,22 +425,22 @@ def test_sigkill_at_random_moments_never_leaves_a_corrupt_checkpoint(tmp_path):
         work.mkdir()
         runs = work / "runs"
         launch = 0
-        for _ in range(3):  # the 2nd and 3rd kills of a trial hit resumed runs
+        for _ in range(KILLS_PER_TRIAL):  # the 2nd and later kills of a trial hit resumed runs
             killed = kill_at_random_moment(runs, work / f"{launch}.log", work / f"{launch}.pt",
                                            moments[len(kills) % 3], rng)  # fmt: skip
             launch += 1
             if "rc" in killed:  # it ran to the end before the kill
-                assert killed["rc"] == 0, (work / f"{launch - 1}.log").read_text()[-3000:]
+                final_log = (work / f"{launch - 1}.log").read_text()
+                assert killed["rc"] == 0, final_log[-3000:]
+                assert FINISHED + f"{MAX_STEPS}` reached" in final_log, final_log[-3000:]
                 break
             steps = checkpoint_steps(runs) if runs.exists() else {}  # every .ckpt left behind loads
             killed["resumable"] = max(steps.values(), default=0)
             kills.append({"trial": trial, "launch": launch - 1, **killed})
-        else:
-            run(fit_command(runs, "--ckpt_path", "last", "--trainer.callbacks+=tests.e2e.helpers.StateProbe"),
-                work / f"{launch}.log", plain_env(ZIGMA_STATE_PROBE=str(work / f"{launch}.pt")))  # fmt: skip
+        else:  # the launch that finishes the trial is not killed: in-process (its last.ckpt is checked below)
+            main_in_process("fit", *FAULTS, "--ckpt_path", "last", "--trainer.callbacks+=tests.e2e.helpers.StateProbe",
+                            runs=runs, env={"ZIGMA_STATE_PROBE": str(work / f"{launch}.pt")})  # fmt: skip
             launch += 1
-        final_log = (work / f"{launch - 1}.log").read_text()
-        assert FINISHED + f"{MAX_STEPS}` reached" in final_log, final_log[-3000:]
         for k in (k for k in kills if k["trial"] == trial):  # the next launch started from the furthest checkpoint
             started = probed_step(work / f"{k['launch'] + 1}.pt")
             assert started in (None, k["resumable"]), k  # None: that launch was killed before training started

@@ -178,8 +178,22 @@ def test_pixel_batches_are_encoded_by_a_frozen_vae_outside_the_module_tree(tiny_
     assert module.model.x_embedder.proj.weight.grad is not None
     out = module.predict_step({"index": torch.arange(2)}, 0)
     assert out["samples"].shape == (2, 3, 16, 16) and out["samples"].abs().max() <= 1
-    assert not any("vae" in k for k in module.state_dict())  # not saved, not EMA-copied, no optimizer state
-    assert not any(isinstance(m, type(module.vae)) for m in module.modules())
+    assert_vae_is_outside(module)
+
+
+def tensor_addresses(*tensors: torch.Tensor) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in tensors if t.numel()}
+
+
+def assert_vae_is_outside(module: FlowMatchingModule) -> None:
+    """No tensor of the VAE network is a parameter/buffer of the module, in its state_dict (so not saved), in the
+    EMA copy or in what the optimizer gets (``parameters()``), and the VAE network is not among its modules."""
+    vae_nets = [v for v in vars(module.vae).values() if isinstance(v, torch.nn.Module)]
+    assert vae_nets, "the FrozenVAE holds its diffusers network"
+    vae = tensor_addresses(*(t for net in vae_nets for t in (*net.parameters(), *net.buffers())))
+    held = (*module.parameters(), *module.buffers(), *module.state_dict().values(), *module.ema.state_dict().values())
+    assert not vae & tensor_addresses(*held)
+    assert not any(m is net for m in module.modules() for net in vae_nets)
 
 
 def test_pixel_batch_without_vae_is_a_clear_error():
