@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from zigma.ops import triton_scan
+from zigma.ops.guard import NAMES, TOLERANCES, gradient_tolerances
 from zigma.ops.reference import selective_scan_ref
 
 if triton_scan.INTERPRET:
@@ -76,9 +77,6 @@ if triton_scan.INTERPRET:
 
 # mamba_ssm tests/ops/test_selective_scan.py: (rtol, atol) for outputs; weights use (1e-3, 1e-3), raised to the input
 # tolerances when z is used. fp16/bf16 inputs are compared with the reference run on the same rounded inputs.
-TOL = {torch.float32: (6e-4, 2e-3), torch.float16: (3e-3, 5e-3), torch.bfloat16: (3e-2, 5e-2)}
-TOL_W = (1e-3, 1e-3)
-
 CASES = {
     # name: (dtype, batch, dim, seqlen, dstate, has_D, has_z, has_bias, softplus, chunk, l_split, layout)
     "all-fp32-L37": (torch.float32, 2, 24, 37, 8, True, True, True, True, 16, 2, "channel_last"),
@@ -138,29 +136,16 @@ def test_triton_scan_matches_reference(case):
     out.backward(grad)
     out_ref.backward(grad)
 
-    rtol, atol = TOL[dtype]
-    rtol_w, atol_w = (max(TOL_W[0], rtol), max(TOL_W[1], atol)) if has_z else TOL_W
-    names = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
+    rtol, atol = TOLERANCES[dtype]  # mamba_ssm's test tolerances, shared with the runtime guard
     _report("out", out, out_ref)
     _report("last_state", last, last_ref)
-    for name, x, x_ref in zip(names, mine, ref):
+    for name, x, x_ref in zip(NAMES, mine, ref):
         if x is not None:
             _report(f"d{name}", x.grad, x_ref.grad)
     torch.testing.assert_close(out, out_ref, rtol=rtol, atol=atol)
     torch.testing.assert_close(last, last_ref, rtol=rtol, atol=atol)
-    grad_tol = {  # as mamba_ssm's test: input grads looser, variable B/C at the input tolerances
-        "u": (2 * rtol, 2 * atol),
-        "delta": (5 * rtol, 10 * atol),
-        "A": (rtol_w, 5 * atol_w),
-        "B": (rtol, atol),
-        "C": (rtol, atol),
-        "D": (rtol_w, atol_w),
-        "z": (rtol_w, atol_w),
-        "delta_bias": (rtol_w, atol_w),
-    }
-    if dtype != torch.float32:  # grads of half inputs are rounded to half: compare at the input tolerances
-        grad_tol["z"] = (rtol, atol)
-    for name, x, x_ref in zip(names, mine, ref):
+    grad_tol = gradient_tolerances(dtype, has_z)  # input grads looser; half-input grads at the input tolerances
+    for name, x, x_ref in zip(NAMES, mine, ref):
         if x is None:
             continue
         assert x.grad is not None and x.grad.shape == x.shape and x.grad.dtype == x.dtype, name
