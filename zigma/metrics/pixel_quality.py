@@ -11,7 +11,10 @@ Images are (N, C, H, W) in [-1, 1], flattened to vectors x ∈ R^D (D = C·H·W)
   (μ_b, Σ_b) of two feature sets, FD = |μ_a - μ_b|² + tr(Σ_a + Σ_b - 2 (Σ_a Σ_b)^½), the formula of FID with PCA
   features in place of Inception's. It measures whether the samples have the real set's average face and its main
   modes of variation (pose, lighting, face shape) in the right proportions; blur lowers the variance along the
-  directions and raises FD. Like FID it is biased upwards for small sets, so only sets of the same sizes compare.
+  directions and raises FD. Like FID it is biased upwards for small sets, so only sets of the same sizes compare:
+  ``half_split_frechet`` compares half of the samples with one half of the reals and the other half with the other
+  (FD = ½ [FD(S₁, R₂) + FD(S₂, R₁)], halves of h = min(N, M) // 2 images), and the floor is FD(R₁, R₂), the two
+  halves of the reals: the same set sizes, so the same bias.
 - **Nearest-neighbour distance to the training set** (``nn_distance``): per sample, the RMS pixel distance
   d(x, y) = (|x - y|² / D)^½ to the closest training image (in [-1, 1] units). Far above the real floor: noise or
   off-manifold samples; far below it: copies of training images (memorisation). The floor is the leave-one-out
@@ -82,6 +85,14 @@ class PCAFeatures:
 def pca_frechet(a: Tensor, b: Tensor, pca: PCAFeatures) -> float:
     """Fréchet distance between the Gaussian fits of two image sets' PCA features (see the module docstring)."""
     return frechet_distance(*gaussian_fit(pca(a)), *gaussian_fit(pca(b)))
+
+
+def half_split_frechet(samples: Tensor, reals: Tensor, pca: PCAFeatures) -> float:
+    """½ [FD(S₁, R₂) + FD(S₂, R₁)] over the first and second halves (h = min(N, M) // 2 images each) of both sets;
+    the reals themselves as ``samples`` give the floor FD(R₁, R₂) (FD is symmetric; see the module docstring)."""
+    h = min(samples.shape[0], reals.shape[0]) // 2
+    s1, s2, r1, r2 = samples[:h], samples[h : 2 * h], reals[:h], reals[h : 2 * h]
+    return (pca_frechet(s1, r2, pca) + pca_frechet(s2, r1, pca)) / 2
 
 
 def rms_distances(a: Tensor, b: Tensor, mirror: bool = False) -> Tensor:
@@ -166,7 +177,7 @@ def quality_report(samples: Tensor, train: Tensor, patch: int, k: int = 16, mirr
     pca = PCAFeatures(train, k)
     return QualityReport(
         count=samples.shape[0],
-        pca_fd=pca_frechet(samples, train, pca),
+        pca_fd=half_split_frechet(samples, train, pca),
         nn_train=float(nn_distance(samples, train, mirror=mirror).mean()),
         nn_self=float(nn_distance(samples, samples, exclude_self=True, mirror=mirror).mean()),
         coverage=coverage(samples, train, mirror),
@@ -176,16 +187,14 @@ def quality_report(samples: Tensor, train: Tensor, patch: int, k: int = 16, mirr
 
 
 def real_floor(train: Tensor, patch: int, k: int = 16, mirror: bool = False) -> QualityReport:
-    """What real images score: FD between the two halves of ``train`` (each against the PCA of all of it; half the
-    sample count, so biased up relative to N = M), nearest neighbours leave-one-out, coverage of the reals by
-    themselves leave-one-out (each real's closest other real)."""
+    """What real images score: FD between the two halves of ``train`` (:func:`half_split_frechet`), nearest
+    neighbours leave-one-out, coverage of the reals by themselves leave-one-out (each real's closest other real)."""
     pca = PCAFeatures(train, k)
-    half = train.shape[0] // 2
     nearest_other = rms_distances(train, train, mirror).fill_diagonal_(float("inf")).argmin(1)
     loo = float(nn_distance(train, train, exclude_self=True, mirror=mirror).mean())
     return QualityReport(
         count=train.shape[0],
-        pca_fd=pca_frechet(train[:half], train[half:], pca),
+        pca_fd=half_split_frechet(train, train, pca),
         nn_train=loo,
         nn_self=loo,
         coverage=nearest_other.unique().numel() / train.shape[0],
