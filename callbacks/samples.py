@@ -139,10 +139,14 @@ class SampleGridLogger(L.Callback):
         seed: seed of the fixed noise and labels.
         method, num_steps: the sampler (None: the module's defaults).
         fps: frames per second of the video.
+        class_rows: class-conditional models: one grid row per class (sample i gets class i // per-row, with
+            ``num_samples`` a multiple of the number of classes) instead of the seeded labels.
+        guidance_scale: classifier-free guidance scale of the grid (None: the module's ``guidance_scale``).
     """
 
     def __init__(self, every_n_steps: int = 500, num_samples: int = 16, seed: int = 0, method: str | None = None,
-                 num_steps: int | None = None, fps: int = 4):  # fmt: skip
+                 num_steps: int | None = None, fps: int = 4, class_rows: bool = False,
+                 guidance_scale: float | None = None):  # fmt: skip
         if every_n_steps < 1 or num_samples < 1:
             raise ValueError("SampleGridLogger: every_n_steps and num_samples must be >= 1")
         if fps < 1:
@@ -153,6 +157,8 @@ class SampleGridLogger(L.Callback):
         self.method = method
         self.num_steps = num_steps
         self.fps = fps
+        self.class_rows = class_rows
+        self.guidance_scale = guidance_scale
         self._last_logged = -1
         self._warned_channels = False
         self._captions: torch.Tensor | None = None  # (K, N, d_context) fixed captions of a text model
@@ -160,7 +166,13 @@ class SampleGridLogger(L.Callback):
     def _labels(self, pl_module) -> torch.Tensor | None:
         """Fixed conditions: class labels drawn from ``seed``, or the captions kept from the first training
         batches (cycled if fewer than ``num_samples``), or None."""
-        if pl_module.model.num_classes > 0:
+        classes = pl_module.model.num_classes
+        if classes > 0 and self.class_rows:
+            if self.num_samples % classes:
+                raise ValueError(f"SampleGridLogger: class_rows needs num_samples to be a multiple of the {classes} "
+                                 f"classes; got {self.num_samples}")  # fmt: skip
+            return torch.arange(classes, device=pl_module.device).repeat_interleave(self.num_samples // classes)
+        if classes > 0:
             return class_labels(pl_module.model.num_classes, self.num_samples, self.seed).to(pl_module.device)
         if pl_module.model.has_text:
             return self._captions[torch.arange(self.num_samples) % len(self._captions)].to(pl_module.device)
@@ -190,13 +202,16 @@ class SampleGridLogger(L.Callback):
         if pl_module.model.has_text and self._captions is None:
             return  # no training batch with captions seen yet
         noise = pl_module.noise(torch.arange(self.num_samples), seed=self.seed)
-        result = pl_module.generate(noise, self._labels(pl_module), method=self.method, num_steps=self.num_steps)
+        result = pl_module.generate(noise, self._labels(pl_module), method=self.method, num_steps=self.num_steps,
+                                    guidance_scale=self.guidance_scale)  # fmt: skip
         check_finite(result.x, "SampleGridLogger: the EMA samples", step)
         pixels = pl_module.decode(result.x).cpu()  # (B, C, H, W) or (B, T, C, H, W) in [-1, 1]
         check_finite(pixels, "SampleGridLogger: the decoded EMA samples", step)
         experiment = trainer.logger.experiment
         if hasattr(experiment, "add_image"):
-            experiment.add_image("samples/ema", image_grid(pixels), global_step=step)
+            rows = self.class_rows and pl_module.model.num_classes > 0
+            nrow = self.num_samples // pl_module.model.num_classes if rows else None
+            experiment.add_image("samples/ema", image_grid(pixels, nrow), global_step=step)
         if pl_module.model.video_frames > 0 and hasattr(experiment, "_get_file_writer"):
             self._log_video(experiment, pixels, step)
         self._last_logged = step

@@ -10,6 +10,7 @@ _HOMES = {
     "SampleRequests": "datamodules.base",
     "ZigMaDataModule": "datamodules.base",
     "EmbeddedFacesDataModule": "datamodules.embedded",
+    "EmbeddedDigitsDataModule": "datamodules.embedded",
     "VideoWebDataModule": "datamodules.webdataset",
     "WebDataModule": "datamodules.webdataset",
 }
@@ -25,4 +26,11 @@ def __dir__() -> list[str]:
     return sorted([*globals(), *_HOMES])
 
 
-__all__ = ["EmbeddedFacesDataModule", "SampleRequests", "VideoWebDataModule", "WebDataModule", "ZigMaDataModule"]
+__all__ = [
+    "EmbeddedDigitsDataModule",
+    "EmbeddedFacesDataModule",
+    "SampleRequests",
+    "VideoWebDataModule",
+    "WebDataModule",
+    "ZigMaDataModule",
+]

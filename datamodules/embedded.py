@@ -1,4 +1,5 @@
-"""The embedded default data set: LFW face crops that ship inside scikit-image (no download).
+"""The embedded data sets (no download): LFW face crops that ship inside scikit-image (the default quickstart) and
+scikit-learn's handwritten digits with their labels (the class-conditional quickstart, ``EmbeddedDigitsDataModule``).
 
 ``skimage.data.lfw_subset()`` holds 200 grayscale 25x25 crops; the first 100 are faces. They are resized to
 ``image_size`` (bilinear), mapped to [-1, 1] as (1, S, S) pixels (no VAE), and flipped horizontally at random.
@@ -45,6 +46,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from datamodules.base import ZigMaDataModule
 
 NUM_FACES = 100
+NUM_DIGIT_CLASSES = 10
 _ORDER_STREAM, _FLIP_STREAM = 0, 1  # SeedSequence keys (seed, epoch, stream): independent draws per purpose
 
 
@@ -55,6 +57,18 @@ def load_lfw_faces(image_size: int = 32) -> torch.Tensor:
     faces = torch.from_numpy(lfw_subset()[:NUM_FACES]).float().unsqueeze(1)  # (100, 1, 25, 25) in [0, 1]
     faces = F.interpolate(faces, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
     return (faces.clamp(0, 1) * 2 - 1).contiguous()
+
+
+def load_digits(image_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's 1,797 handwritten digits: (1797, 1, image_size, image_size) float32 in [-1, 1] (the 8x8
+    images, 0..16, resized bilinearly) and their labels (1797,) int64 in 0..9."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    digits = sklearn_digits()
+    images = torch.from_numpy(digits.images).float().div(16).unsqueeze(1)  # (1797, 1, 8, 8) in [0, 1]
+    images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False,
+                           antialias=image_size < 8)  # fmt: skip
+    return (images.clamp(0, 1) * 2 - 1).contiguous(), torch.from_numpy(digits.target).long()
 
 
 def epoch_order(num_items: int, seed: int, epoch: int) -> np.ndarray:
@@ -84,12 +98,14 @@ def rank_positions(num_items: int, batch_size: int, rank: int, world_size: int) 
 
 
 class FaceDataset(Dataset):
-    """``repeats`` passes over the faces per epoch. Items are ``index`` or ``(index, flip)`` (from ``EpochSampler``);
-    returns ``{"x": (1, S, S)}`` in [-1, 1], mirrored left-right if ``flip``."""
+    """``repeats`` passes over the images per epoch. Items are ``index`` or ``(index, flip)`` (from ``EpochSampler``);
+    returns ``{"x": (1, S, S)}`` in [-1, 1], mirrored left-right if ``flip``, and ``"y"`` (a 0-d int64 class id)
+    when ``labels`` (N,) are given."""
 
-    def __init__(self, faces: torch.Tensor, repeats: int = 1):
+    def __init__(self, faces: torch.Tensor, repeats: int = 1, labels: torch.Tensor | None = None):
         self.faces = faces
         self.repeats = repeats
+        self.labels = labels
 
     def __len__(self) -> int:
         return len(self.faces) * self.repeats
@@ -97,7 +113,10 @@ class FaceDataset(Dataset):
     def __getitem__(self, item: int | tuple[int, bool]) -> dict:
         index, flip = item if isinstance(item, tuple) else (item, False)
         x = self.faces[index % len(self.faces)]
-        return {"x": x.flip(-1) if flip else x}
+        out = {"x": x.flip(-1) if flip else x}
+        if self.labels is not None:
+            out["y"] = self.labels[index % len(self.faces)]
+        return out
 
 
 class EpochSampler(Sampler):
@@ -244,8 +263,11 @@ class EmbeddedFacesDataModule(ZigMaDataModule):
         if self.faces is None:
             self.faces = load_lfw_faces(self.image_size)
 
+    def _dataset(self, repeats: int) -> FaceDataset:
+        return FaceDataset(self.faces, repeats)
+
     def train_dataloader(self) -> ResumableLoader:
-        dataset = FaceDataset(self.faces, self.repeats)
+        dataset = self._dataset(self.repeats)
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         sampler = EpochSampler(len(dataset), self.batch_size, seed=self.seed, hflip=self.hflip, rank=rank,
@@ -258,7 +280,7 @@ class EmbeddedFacesDataModule(ZigMaDataModule):
         return ResumableLoader(dataset, sampler, self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(FaceDataset(self.faces), batch_size=self.val_batch_size, shuffle=False)
+        return DataLoader(self._dataset(1), batch_size=self.val_batch_size, shuffle=False)
 
     @property
     def reference_name(self) -> str:
@@ -266,5 +288,54 @@ class EmbeddedFacesDataModule(ZigMaDataModule):
 
     def reference_pixels(self, batch_size: int = 50) -> Iterator[torch.Tensor]:
         """The 100 faces (1, S, S) in [-1, 1], unflipped, in their stored order."""
+        self.setup()
+        yield from self.faces.split(batch_size)
+
+
+class EmbeddedDigitsDataModule(EmbeddedFacesDataModule):
+    """Class-conditional 1-channel digits (scikit-learn's ``load_digits``, see :func:`load_digits`); batches
+    ``{"x": (B, 1, S, S), "y": (B,) int64 in 0..9}``. Order, resume and ranks work as for the faces (the module
+    docstring), over 1,797 · ``repeats`` items per epoch; no flips (a mirrored digit is another shape). Validation
+    reads the first ``num_val`` digits (the same images as training: progress of the fit, not generalisation)."""
+
+    num_classes = NUM_DIGIT_CLASSES
+
+    def __init__(
+        self,
+        image_size: int = 16,
+        batch_size: int = 32,
+        val_batch_size: int = 100,
+        repeats: int = 1,
+        num_val: int = 200,
+        num_workers: int = 0,
+        seed: int = 0,
+        num_predict_samples: int = 100,
+        predict_batch_size: int = 100,
+        predict_seed: int = 0,
+    ):
+        super().__init__(image_size, batch_size, val_batch_size, repeats, False, num_workers, seed,
+                         num_predict_samples, predict_batch_size, predict_seed)  # fmt: skip
+        if num_val < 1:
+            raise ValueError(f"data.num_val must be >= 1; got {num_val}")
+        self.num_val = num_val
+        self.labels: torch.Tensor | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.faces is None:
+            self.faces, self.labels = load_digits(self.image_size)
+
+    def _dataset(self, repeats: int) -> FaceDataset:
+        return FaceDataset(self.faces, repeats, self.labels)
+
+    def val_dataloader(self) -> DataLoader:
+        dataset = torch.utils.data.Subset(self._dataset(1), range(min(self.num_val, len(self.faces))))
+        return DataLoader(dataset, batch_size=self.val_batch_size, shuffle=False)
+
+    @property
+    def reference_name(self) -> str:
+        return f"sklearn-digits-{len(self.faces) if self.faces is not None else 1797}"
+
+    def reference_pixels(self, batch_size: int = 50) -> Iterator[torch.Tensor]:
+        """The 1,797 digits (1, S, S) in [-1, 1], in their stored order."""
         self.setup()
         yield from self.faces.split(batch_size)

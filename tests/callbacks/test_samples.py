@@ -237,3 +237,24 @@ def test_text_models_sample_from_the_first_training_captions_kept_across_resume(
     resumed.load_state_dict(callback.state_dict())
     resumed.on_train_batch_start(trainer, module, {"x": None, "y": torch.zeros(2, 3, 8)}, 0)  # later batches
     torch.testing.assert_close(resumed.state_dict()["captions"], captions[:3])  # unchanged
+
+
+def test_class_rows_draw_one_grid_row_per_class_with_the_given_guidance(tmp_path):
+    module = FlowMatchingModule(net={**IMAGE_NET, "num_classes": 3}, cond_dropout_prob=0.1, sample_steps=2)
+    calls = []
+    generate = module.generate
+
+    def recording(x0, y=None, **kwargs):
+        calls.append((y.tolist(), kwargs["guidance_scale"]))
+        return generate(x0, y, **kwargs)
+
+    module.generate = recording
+    writer = SummaryWriter(tmp_path)
+    trainer = SimpleNamespace(global_step=1, logger=SimpleNamespace(experiment=writer))
+    SampleGridLogger(num_samples=6, num_steps=2, class_rows=True, guidance_scale=2.0).log_grid(trainer, module)
+    writer.close()
+    assert calls == [([0, 0, 1, 1, 2, 2], 2.0)]
+    (event,) = read_images(tmp_path, "samples/ema")
+    assert (event.height, event.width) == (3 * 9 + 1, 2 * 9 + 1)  # 3 classes in rows, 2 samples each
+    with pytest.raises(ValueError, match="class_rows needs num_samples to be a multiple of the 3 classes; got 5"):
+        SampleGridLogger(num_samples=5, class_rows=True).log_grid(trainer, module)
