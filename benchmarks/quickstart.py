@@ -92,7 +92,7 @@ def face_curve(run: Path, num_samples: int) -> tuple[list[tuple[int, dict]], dic
     faces = None
     for step, path in checkpoints(run):
         module = load_module(path)
-        patch = module.model.patch_size if hasattr(module.model, "patch_size") else module.model.config["patch_size"]
+        patch = module.model.config["patch_size"]
         faces = load_lfw_faces(module.model.img_dim) if faces is None else faces
         report = quality_report(sample(module, num_samples), faces, patch=max(patch, 2), mirror=True)
         rows.append((step, report.as_dict()))
@@ -205,7 +205,6 @@ def main() -> None:
     args = parser.parse_args()
     config = args.config.resolve()
     digits = "digits" in config.stem
-    torch.set_num_threads(max(1, torch.get_num_threads()))
 
     with tempfile.TemporaryDirectory() as tmp:
         base = args.keep or Path(tmp)
