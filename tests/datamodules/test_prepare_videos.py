@@ -11,17 +11,20 @@ import logging
 import re
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
-from datamodules.manifest import read_manifest
+from datamodules.manifest import check_manifest, read_manifest
 from datamodules.prepare import main, prepare_from_argv, to_pixels
 from datamodules.prepare.inputs import list_inputs
 from datamodules.prepare.videos import decode_video
-from tests.datamodules.test_prepare import LATENT, RES, npy, read_tar
+from datamodules.webdataset import VideoWebDataModule
+from tests.datamodules.test_prepare import LATENT, RES, ROOT, npy, read_tar
 from zigma.images import resize_center_crop
 from zigma.vae import FrozenVAE
 
@@ -160,6 +163,16 @@ def test_ucf101_split_files_give_the_inputs_labels_and_split(ucf, run, tiny_vae_
             clip = decode_video(ucf / "UCF-101" / rel, 3, 2, RES)
             mean, _ = vae.encode_moments(to_pixels(clip).unsqueeze(0))  # (1, T, C, h, w)
             torch.testing.assert_close(torch.from_numpy(npy(sample["frame_feature256.npy"])), mean[0])
+
+    # the shards load with configs/data/ucf101_latents.yaml's keys
+    data = yaml.safe_load((ROOT / "configs" / "data" / "ucf101_latents.yaml").read_text())["data"]["init_args"]
+    module = VideoWebDataModule(shards=str(out / "train-{000000..000001}.tar"), video_key=data["video_key"],
+                                label_key=data["label_key"], num_classes=2, video_frames=3, batch_size=3,
+                                num_workers=0)  # fmt: skip
+    module.trainer = SimpleNamespace(global_rank=0, world_size=1)
+    check_manifest(read_manifest(out), sample_shape=module.sample_shape, num_classes=module.num_classes)
+    (batch,) = list(module.train_dataloader())
+    assert batch["x"].shape == (3, 3, *LATENT) and sorted(batch["y"].tolist()) == [0, 0, 1]
 
     with pytest.raises(RuntimeError, match=r"^4 unreadable inputs, more than --max-bad 2"):
         (ucf / "UCF-101" / TRAIN[0]).write_bytes(b"")  # a fourth bad video in the list
