@@ -118,12 +118,18 @@ def main() -> None:
 
     import torch
 
+    torch.set_num_threads(2)
+    logging.disable(logging.WARNING)
+    with tempfile.TemporaryDirectory(prefix="prepare_videos_") as tmp:
+        run_benchmark(args, Path(tmp))
+
+
+def run_benchmark(args: argparse.Namespace, work: Path) -> None:
+    import torch
+
     from datamodules.prepare import prepare_from_argv
     from tests.stand_ins import write_tiny_vae
 
-    torch.set_num_threads(2)
-    logging.disable(logging.WARNING)
-    work = Path(tempfile.mkdtemp(prefix="prepare_videos_"))
     videos = work / "UCF-101" / "Synthetic"
     videos.mkdir(parents=True)
     for v in range(args.videos):
