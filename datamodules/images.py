@@ -8,7 +8,7 @@ import io
 import itertools
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +34,20 @@ def is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
-def _image_folders(folder: Path) -> Iterator[tuple[Path, list[Path]]]:
-    """(directory, the images directly in it) for ``folder`` and every folder below it; hidden folders skipped."""
+def _image_folders(folder: Path, accept: Callable[[Path], bool] = is_image) -> Iterator[tuple[Path, list[Path]]]:
+    """(directory, the files directly in it that ``accept`` takes: images) for ``folder`` and every folder below it;
+    hidden folders skipped."""
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        yield Path(root), [Path(root) / f for f in files if is_image(Path(root) / f)]
+        yield Path(root), [Path(root) / f for f in files if accept(Path(root) / f)]
+
+
+def files_under(folder: str | os.PathLike, accept: Callable[[Path], bool]) -> list[Path]:
+    """The files under ``folder`` (recursive, hidden folders skipped) that ``accept`` takes, in natural order of
+    their path relative to ``folder``."""
+    folder = Path(folder)
+    files = [f for _, found in _image_folders(folder, accept) for f in found]
+    return sorted(files, key=lambda p: natural_key(p.relative_to(folder).as_posix()))
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
@@ -50,8 +59,7 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"--images: {folder} is not a directory")
-    files = [image for _, images in _image_folders(folder) for image in images]
-    return sorted(files, key=lambda p: natural_key(p.relative_to(folder).as_posix()))
+    return files_under(folder, is_image)
 
 
 def frame_folders(folder: str | os.PathLike) -> list[Path]:
@@ -121,6 +129,7 @@ def shard_images(shards: Sequence[str], image_key: str, resolution: int) -> Iter
 __all__ = [
     "IMAGE_EXTENSIONS",
     "batches_of",
+    "files_under",
     "folder_batches",
     "frame_files",
     "frame_folders",

@@ -50,6 +50,8 @@ def prepare(
     labels: str = "none",
     captions: str | None = None,
     clip_kwargs: dict[str, Any] | None = None,
+    split_file: str | None = None,
+    class_index: str | None = None,
     workers: int = 1,
     command: str | None = None,
     progress: bool | None = None,
@@ -57,7 +59,7 @@ def prepare(
     """List the inputs, write the missing shards (in ``workers`` processes when > 1) and the manifest.
 
     Args:
-        src, labels, captions: as :func:`list_inputs`.
+        src, labels, captions, split_file, class_index: as :func:`list_inputs`.
         options: what to write where.
         vae_kwargs: ``FrozenVAE`` arguments (the VAE is loaded once here and once per worker); None with
             ``latents="none"``.
@@ -81,7 +83,8 @@ def prepare(
         raise ValueError(
             f"--resolution {opts.resolution} is not divisible by the VAE's downsample factor {vae.downsample_factor}"
         )
-    inputs = list_inputs(src, opts.kind, labels=labels, captions=captions, caption_text=clip_kwargs is not None)
+    inputs = list_inputs(src, opts.kind, labels=labels, captions=captions, caption_text=clip_kwargs is not None,
+                         split_file=split_file, class_index=class_index)  # fmt: skip
     clip = CLIPCaptionEncoder(**clip_kwargs) if clip_kwargs is not None else None
     if clip is not None:
         counts = {len(it.captions or ()) for it in inputs.items}
