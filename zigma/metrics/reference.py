@@ -184,7 +184,10 @@ def reference_stats(
     path = Path(cache_dir) / f"{key_hash(key)}.npz"
     rank, world = _rank_and_world()
     cached = _cached(path, key) if rank == 0 else None
-    if cached is not None if world == 1 else _collective_flag(cached is not None, "broadcast"):
+    hit = cached is not None
+    if world > 1:
+        hit = _collective_flag(hit, "broadcast")  # rank 0 decides for all: they compute together or not at all
+    if hit:
         return cached
     count = int(key["count"])
     mine = share_size(count, rank, world)
