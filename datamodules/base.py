@@ -75,8 +75,9 @@ class ZigMaDataModule(L.LightningDataModule):
         self.predict_batch_size = predict_batch_size
         self.predict_seed = predict_seed
 
-    def yields(self) -> DataYields:
-        """What the training batches hold (see :class:`DataYields`)."""
+    def yields(self, stage: str | None = None) -> DataYields:
+        """What the training batches hold (see :class:`DataYields`); ``stage`` (``"predict"``, ...): what the run
+        uses the data for (a DataModule without its files can still state what predict needs)."""
         pixel_shape = getattr(self, "pixel_shape", None)
         return DataYields(type(self).__name__, tuple(self.sample_shape or ()),
                           tuple(pixel_shape) if pixel_shape is not None else None, self.num_classes,

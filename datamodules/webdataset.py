@@ -43,6 +43,11 @@ Distribution (each step is a function in ``datamodules.shards``):
   ``ShardLoader`` raises there unchanged (torch would wrap it in the worker's traceback).
 - At construction the data's shapes are read from the first decodable sample, in shard order, under the same budget:
   damage at the start of the first shard is skipped (and logged) as anywhere else.
+- ``predict`` needs no data: when the shards cannot be listed (e.g. a training config on a machine without the
+  shards) the module is still built, with no shapes, and only predicts (the base class's sample requests: indices
+  and class labels drawn from ``predict_seed``, as every DataModule). Every other use (``setup`` of fit, validate or
+  test, ``yields`` outside predict, the loaders, reference pixels) raises the listing error, so the CLI still refuses
+  missing shards for those in one line, before any step.
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ from typing import Any, Literal
 
 import torch
 
-from datamodules.base import ZigMaDataModule
+from datamodules.base import DataYields, ZigMaDataModule
 from datamodules.decoding import SampleDecoder
 from datamodules.images import batches_of
 from datamodules.manifest import read_manifest
@@ -116,8 +121,12 @@ class ShardDataModule(ZigMaDataModule):
             raise ValueError("data.resampled=true is an endless stream: set data.epoch_length (batches per process)")
         if latent_scale is not None and not (math.isfinite(latent_scale) and latent_scale > 0):
             raise ValueError(f"data.latent_scale must be a finite number > 0 or null; got {latent_scale}")
-        self.shards = expand_shards(shards)
-        self.val_shards = expand_shards(val_shards) if val_shards is not None else None
+        self.unavailable: ValueError | None = None  # why the shards cannot be listed: the module only predicts
+        try:
+            self.shards = expand_shards(shards)
+            self.val_shards = expand_shards(val_shards) if val_shards is not None else None
+        except ValueError as err:
+            self.shards, self.val_shards, self.unavailable = [], None, err
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.shuffle_buffer = shuffle_buffer
@@ -127,10 +136,30 @@ class ShardDataModule(ZigMaDataModule):
         self.max_bad_samples = max_bad_samples
         self._counts: dict[str, int] = {}
         self.decoder = self.make_decoder(seed)
+        if self.unavailable is not None:
+            return  # no shapes (``decoder.shapes`` stays empty): predict only
         if self.decoder.kind in ("latent", "video"):
             self.latent_scale, self.vae_scale = resolve_latent_scale(self.shards, latent_scale)
             self.decoder.latent_scale = self.latent_scale
         self.decoder.expect(self._probe(self.shards))
+
+    def require_shards(self) -> None:
+        """Raises the listing error (ValueError, one line) when the shards are missing: such a module only predicts."""
+        if self.unavailable is not None:
+            raise ValueError(str(self.unavailable))
+
+    def setup(self, stage: str) -> None:
+        """``predict`` reads no shard; fit, validate and test need them."""
+        if stage != "predict":
+            self.require_shards()
+
+    def yields(self, stage: str | None = None) -> DataYields:
+        """What the batches hold; without shards, for ``predict`` only: no shapes, the configured classes (caption
+        features would need the shards)."""
+        if self.unavailable is not None and stage == "predict" and not self.decoder.caption_key:
+            return DataYields(type(self).__name__, (), None, self.num_classes, 0, None)
+        self.require_shards()
+        return super().yields(stage)
 
     def make_decoder(self, seed: int) -> SampleDecoder:
         """The subclass's ``SampleDecoder``; its ``latent_scale`` is set afterwards (:func:`resolve_latent_scale`)."""
@@ -208,6 +237,7 @@ class ShardDataModule(ZigMaDataModule):
                            expect_wrap=epoch_length is not None, max_bad_samples=self.max_bad_samples)  # fmt: skip
 
     def train_dataloader(self) -> ShardLoader:
+        self.require_shards()
         rank, world = self.rank_and_world()
         stream = self.make_stream(self.shards, train=True, rank=rank, world_size=world)
         return ShardLoader(stream, num_workers=self.num_workers, advance=True)
@@ -215,6 +245,7 @@ class ShardDataModule(ZigMaDataModule):
     def val_dataloader(self) -> ShardLoader | list:
         """Validation shards in a fixed order (no shuffle, no flip, epoch 0), the same number of batches per rank;
         ``[]`` (no validation) without ``val_shards``."""
+        self.require_shards()
         if self.val_shards is None:
             return []
         rank, world = self.rank_and_world()
@@ -225,12 +256,14 @@ class ShardDataModule(ZigMaDataModule):
 
     @property
     def reference_name(self) -> str:
+        self.require_shards()
         shards = self.val_shards or self.shards
         return f"shards:{shards[0]}..{shards[-1]}({len(shards)})"
 
     def reference_pixels(self, batch_size: int = 50) -> Iterator[torch.Tensor]:
         """Pixels of the validation shards (else the training shards) in shard order, decoded as for validation (no
         flip; a clip's temporal crop is a fixed function of its key); undecodable samples are counted and skipped."""
+        self.require_shards()
         if getattr(self, "pixel_shape", None) is None:
             raise NotImplementedError(
                 f"{type(self).__name__} reads latents, not pixels; pass the FID/FVD callback's reference: an .npz "
@@ -295,9 +328,9 @@ class WebDataModule(ShardDataModule):
         )
         super().__init__(shards, val_shards, **loader_settings)
         self.num_classes = num_classes if label_key is not None else 0
-        self.context_dim = self.decoder.shapes["y"][-1] if caption_key is not None else 0
+        self.context_dim = self.decoder.shapes["y"][-1] if caption_key is not None and self.decoder.shapes else 0
         if kind == "latent":
-            self.sample_shape = self.decoder.shapes["x"]
+            self.sample_shape = self.decoder.shapes.get("x")  # None without shards (predict only)
             self.pixel_shape = None
         else:
             self.sample_shape = None  # the VAE's latent shape: known to the LightningModule, not here
@@ -363,7 +396,7 @@ class VideoWebDataModule(ShardDataModule):
         self.video_frames = video_frames
         self.num_classes = num_classes
         if frames_key is None:
-            self.sample_shape = self.decoder.shapes["x"]
+            self.sample_shape = self.decoder.shapes.get("x")  # None without shards (predict only)
             self.pixel_shape = None
         else:
             self.sample_shape = None  # the VAE's latent shape: known to the LightningModule, not here

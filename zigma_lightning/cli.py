@@ -206,7 +206,7 @@ class ZigMaCLI(LightningCLI):
     def after_instantiate_classes(self) -> None:
         sub = self.config.get("subcommand")
         ckpt_path = self.config[sub].get("ckpt_path") if sub else None
-        check_model_matches_data(self.model, self.datamodule, checkpoint=ckpt_path)
+        check_model_matches_data(self.model, self.datamodule, checkpoint=ckpt_path, stage=sub)
         if sub is not None:
             self.check_writable(sub)
 
@@ -324,13 +324,14 @@ def unwritable(directory: Path) -> str | None:
 
 
 def check_model_matches_data(model: FlowMatchingModule, data: ZigMaDataModule | None,
-                             checkpoint: str | None = None) -> None:  # fmt: skip
+                             checkpoint: str | None = None, stage: str | None = None) -> None:  # fmt: skip
     """Fail before any step when the model cannot consume what the data yields (``FlowMatchingModule.check_data``
-    against ``ZigMaDataModule.yields``) or differs from the shards' manifest (``ZigMaDataModule.check_manifest``)."""
+    against ``ZigMaDataModule.yields``) or differs from the shards' manifest (``ZigMaDataModule.check_manifest``).
+    ``stage`` (the subcommand): ``predict`` reads no data, so shard DataModules need no shards for it."""
     if data is None:
         return
     try:
-        yields = data.yields()
+        yields = data.yields(stage)
         model.check_data(yields, checkpoint=checkpoint)
         data.check_manifest(**model.manifest_facts())
         model.check_latent_scale(yields.vae_scale)  # after the manifest check, whose message names more
