@@ -3,8 +3,8 @@
 :class:`GaussianStats` keeps what torchmetrics' ``FrechetInceptionDistance`` keeps (reference ecosystem §2.1): a float64
 feature sum (d), a float64 outer-product sum (d, d) and a count, so memory does not grow with the number of samples.
 The Fréchet distance itself is torchmetrics' (``callbacks.evaluation`` loads these sums into its real side).
-Because the statistics are sums, disjoint shares of a set merge exactly (:meth:`GaussianStats.merge`, and
-:meth:`GaussianStats.all_reduce` over ``torch.distributed`` ranks): the result is that of one pass over the whole set,
+Because the statistics are sums, disjoint shares of a set merge exactly (:meth:`GaussianStats.all_reduce` over
+``torch.distributed`` ranks sums them): the result is that of one pass over the whole set,
 up to float64 rounding. Reference statistics under DDP are computed that way (``zigma.metrics.reference``).
 
 Files are ``.npz`` with ``mu`` (d), ``sigma`` (d, d, unbiased), ``count`` and ``meta`` (a JSON object: dataset,
@@ -63,16 +63,6 @@ class GaussianStats:
         self.sum += x.sum(dim=0)
         self.outer += x.T @ x
         self.count += x.shape[0]
-        return self
-
-    def merge(self, other: GaussianStats) -> GaussianStats:
-        """Adds the sums and count of ``other`` (another share of the same feature space); returns self. Statistics of
-        disjoint shares merged this way equal those of the union (Σx, Σxxᵀ and n are sums)."""
-        if other.dim != self.dim:
-            raise ValueError(f"GaussianStats.merge: cannot merge {other.dim}-d statistics into {self.dim}-d ones")
-        self.sum += other.sum.to(self.device)
-        self.outer += other.outer.to(self.device)
-        self.count += other.count
         return self
 
     def all_reduce(self, group: dist.ProcessGroup | None = None) -> GaussianStats:

@@ -38,23 +38,6 @@ def test_save_load_round_trip_keeps_metadata_and_the_sums(tmp_path):
         assert json.loads(str(data["meta"]))["dataset"] == "faces"
 
 
-def test_merged_shares_equal_one_pass_over_the_union():
-    """Uneven disjoint shares (one of them empty) merged in any order: the union's count exactly, its mean and
-    covariance to float64 rounding (features far from 0, where a float32 accumulation would lose digits)."""
-    x = torch.randn(41, 5) * 3 + 100
-    whole = _stats(x)
-    shares = [x[:17], x[17:18], x[18:18], x[18:]]
-    merged = GaussianStats(5)
-    for share in reversed(shares):
-        merged.merge(GaussianStats(5).update(share))
-    assert merged.count == 41 and merged.sum.dtype == torch.float64
-    torch.testing.assert_close(merged.mean, whole.mean, rtol=1e-13, atol=0)
-    torch.testing.assert_close(merged.cov, whole.cov, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(merged.cov, torch.from_numpy(np.cov(x.double().numpy().T)), rtol=1e-10, atol=1e-12)
-    with pytest.raises(ValueError, match=r"cannot merge 3-d statistics into 5-d ones"):
-        merged.merge(GaussianStats(3))
-
-
 def test_all_reduce_without_a_process_group_keeps_the_statistics():
     stats = _stats(torch.randn(6, 3))
     before = (stats.sum.clone(), stats.outer.clone(), stats.count)
