@@ -1,11 +1,18 @@
 """Mid-epoch resume of the webdataset training loader: ``ShardLoader.state_dict``/``load_state_dict`` round trips
 (finite, ``epoch_length`` and resampled modes, with and without worker processes) continue with exactly the batches of
-an uninterrupted run, a changed stream restarts the epoch with a warning, and a Lightning fit saves the loader state
-in its checkpoints and continues at the right batch when resumed with ``ckpt_path``."""
+an uninterrupted run, a changed stream (seed, shards) restarts the epoch with a warning, and a Lightning fit saves the
+loader state in its checkpoints and continues at the right batch when resumed with ``ckpt_path``.
+
+Elastic resume (another world size, worker count or per-device batch; ranks simulated in-process): the samples read
+before and after the resume are together the epoch's samples, each once; a chain of changes within one epoch too;
+``data.keep_global_batch`` sets the gradient accumulation or refuses in one line; and a Lightning fit resumed on 1
+process from a 2-process checkpoint keeps the global batch, the step count and the LR schedule."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
+
+import logging
 
 import lightning as L
 import pytest
@@ -49,6 +56,13 @@ def make_loader(shards, mode, *, num_workers, batch_size=4, rank=0, world_size=1
     return attach(dm, rank, world_size).train_dataloader()
 
 
+def state_of(epoch, done, *, mode="counted", num_workers=1, num_batches, batch_size=4, world_size=1, num_shards=4,
+             segments=(), offset=0) -> dict:  # fmt: skip
+    return {"epoch": epoch, "batches_done": done, "batch_size": batch_size, "world_size": world_size, "seed": 0,
+            "mode": mode, "num_workers": num_workers, "num_batches": num_batches, "num_shards": num_shards,
+            "accumulate_grad_batches": 1, "segments": [list(s) for s in segments], "offset": offset}  # fmt: skip
+
+
 @pytest.fixture
 def shards(make_shards):
     return make_shards([8, 8, 8, 5])  # 2 workers: 16 and 13 samples, 4 + 3 batches of 4 (unequal quotas)
@@ -69,9 +83,8 @@ def test_state_round_trip_continues_exactly(shards, mode, num_workers, k):
     seen = take(loader, k)
     assert seen == epoch0[:k]
     state = loader.state_dict()
-    assert state == {"epoch": 0, "batches_done": k, "batch_size": 4, "world_size": 1, "seed": 0, "mode": mode,
-                     "num_workers": max(1, num_workers), "num_batches": len(loader)}  # fmt: skip
-    assert all(type(v) in (int, str) for v in state.values())  # plain values: torch.load(weights_only=True)
+    assert state == state_of(0, k, mode=mode, num_workers=max(1, num_workers), num_batches=len(loader))
+    assert all(type(v) in (int, str, list) for v in state.values())  # plain values: torch.load(weights_only=True)
 
     resumed = make_loader(shards, mode, num_workers=num_workers)
     resumed.load_state_dict(state)
@@ -96,18 +109,140 @@ def test_set_epoch_keeps_the_restored_position_and_another_epoch_drops_it(shards
     assert len(drain(loader)) == len(loader) and loader.state_dict()["epoch"] == 4
 
 
-@pytest.mark.parametrize("change", ["batch_size", "world_size"])
+@pytest.mark.parametrize("change", ["seed", "num_shards"])
 def test_changed_stream_warns_and_restarts_the_epoch(make_shards, change):
     shards = make_shards([8] * 4)
     loader = make_loader(shards, "counted", num_workers=0)
     take(loader, 2)
     state = loader.state_dict()
-    other = {"batch_size": {"batch_size": 2}, "world_size": {"world_size": 2}}[change]
-    resumed = make_loader(shards, "counted", num_workers=0, **other)
-    fresh = make_loader(shards, "counted", num_workers=0, **other)
+    other = shards[:3] if change == "num_shards" else shards
+    resumed = make_loader(other, "counted", num_workers=0, seed=1 if change == "seed" else 0)
+    fresh = make_loader(other, "counted", num_workers=0, seed=1 if change == "seed" else 0)
     with pytest.warns(UserWarning, match=rf"cannot continue epoch 0 after batch 2.*{change} .*restarts"):
         resumed.load_state_dict(state)
     assert drain(resumed) == drain(fresh)  # the whole epoch 0 of the new stream
+
+
+# ------------------------------------------------------------------------------------------------ elastic resume
+def run_ranks(shards, world_size, *, num_workers=0, batch_size=4, state=None, batches=None, **settings):
+    """Ranks 0..world_size-1 of one configuration, simulated in this process: each restores ``state`` (if given) and
+    reads ``batches`` batches (None: to the end of the epoch). Returns (sample indices read by all ranks, rank 0's
+    state afterwards, rank 0's loader)."""
+    seen, loaders = [], []
+    for rank in range(world_size):
+        dm = WebDataModule(shards, batch_size=batch_size, num_workers=num_workers, latent_scale=1, shuffle_buffer=6,
+                           **settings)  # fmt: skip
+        loader = attach(dm, rank, world_size).train_dataloader()
+        if state is not None:
+            loader.load_state_dict(state)
+        iterator = iter(loader)
+        for _, batch in zip(range(batches) if batches is not None else iter(int, 1), iterator):
+            seen += indices(batch)
+        loaders.append(loader)
+    return seen, loaders[0].state_dict(), loaders[0]
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "k"),
+    [((2, 0, 4), (1, 0, 4), 2), ((1, 0, 4), (2, 0, 4), 2), ((2, 2, 2), (1, 0, 4), 3), ((1, 0, 4), (2, 0, 2), 3)],
+    ids=["2->1", "1->2", "2procs_2workers->1", "1->2_smaller_batch"],
+)
+def test_elastic_resume_reads_every_sample_of_the_epoch_once(make_shards, caplog, before, after, k):
+    """k batches per rank under ``before`` = (world size, workers, batch), then the rest of the epoch under ``after``:
+    together exactly the epoch's 32 samples (4 shards of 8), none twice. The old run with 2 workers checks the
+    replay's model of the DataLoader's round-robin interleaving against real worker processes."""
+    shards = make_shards([8, 8, 8, 8])
+    (world, workers, batch), (world2, workers2, batch2) = before, after
+    first, state, _ = run_ranks(shards, world, num_workers=workers, batch_size=batch, batches=k)
+    assert len(first) == world * batch * k
+    with caplog.at_level(logging.INFO, logger="zigma.data"):
+        rest, final, loader = run_ranks(shards, world2, num_workers=workers2, batch_size=batch2, state=state)
+    assert sorted(first + rest) == list(range(32))  # every sample of the epoch, each once
+    offset = len(first) // (world2 * batch2)
+    assert final["segments"] == [[world, max(1, workers), batch, k]] and final["offset"] == offset
+    assert final["batches_done"] == final["num_batches"] == offset + len(rest) // (world2 * batch2)
+    notes = [r.getMessage() for r in caplog.records if "continues after" in r.getMessage()]
+    assert notes == [f"train data: epoch 0 continues after {len(first)} samples with {len(rest)} unread ones in "
+                     f"{len(rest) // (world2 * batch2)} batches per process, from batch {offset} of "
+                     f"{final['num_batches']}; checkpoint {world} processes x {max(1, workers)} workers x batch "
+                     f"{batch}, now {world2} x {max(1, workers2)} x {batch2}"]  # one line, rank 0 only  # fmt: skip
+    fresh = make_loader(shards, "counted", num_workers=workers2, batch_size=batch2, world_size=world2)
+    drain(fresh)
+    assert drain(loader) == drain(fresh)  # the next epoch is the new configuration's own
+
+
+def test_a_chain_of_changes_and_a_plain_resume_within_one_epoch(make_shards):
+    """2 -> 1 process (a checkpoint in the middle of the rest, resumed on 1 process again) -> 2 processes with batch
+    2: every sample once; the state keeps the epoch's earlier configurations."""
+    shards = make_shards([8, 8, 8, 8])
+    seen, state, _ = run_ranks(shards, 2, batches=1)
+    more, state, _ = run_ranks(shards, 1, state=state, batches=2)
+    assert state["segments"] == [[2, 1, 4, 1]] and state["batches_done"] == 4
+    again, state, _ = run_ranks(shards, 1, state=state, batches=1)  # same configuration: fast-forward in the rest
+    assert state["segments"] == [[2, 1, 4, 1]] and state["batches_done"] == 5
+    rest, state, _ = run_ranks(shards, 2, batch_size=2, state=state)
+    assert state["segments"] == [[2, 1, 4, 1], [1, 1, 4, 3]] and state["offset"] == 5
+    assert sorted(seen + more + again + rest) == list(range(32))
+
+
+def test_epoch_length_mode_carries_the_global_sample_count_over(make_shards):
+    """epoch_length=5 batches per process: after 1 batch on each of 2 processes (8 samples), 1 process continues at
+    its batch 2 of its own stream; after 3 (24 samples, more than 5 batches of 4) the epoch is complete."""
+    shards = make_shards([8, 8, 8, 8])
+    reference = make_loader(shards, "epoch_length", num_workers=0)
+    _, state, _ = run_ranks(shards, 2, batches=1, epoch_length=5)
+    rest, final, _ = run_ranks(shards, 1, state=state, epoch_length=5)
+    assert rest == [i for batch in drain(reference)[2:] for i in batch]
+    assert (final["epoch"], final["batches_done"], final["segments"]) == (0, 5, [])
+    _, state, _ = run_ranks(shards, 2, batches=3, epoch_length=5)
+    rest, final, _ = run_ranks(shards, 1, state=state, epoch_length=5)
+    assert rest == [i for batch in drain(reference) for i in batch]  # the whole next epoch
+    assert (final["epoch"], final["batches_done"]) == (1, 5)
+
+
+class _Loop(SimpleNamespace):
+    """What ``pending_loader_state`` and ``shift_batch_progress`` read of a Lightning trainer."""
+
+
+def fake_trainer(state, *, world_size=1, accumulate=1):
+    counters = [SimpleNamespace(ready=state["batches_done"], started=state["batches_done"],
+                                processed=state["batches_done"], completed=state["batches_done"] - 1)
+                for _ in range(2)]  # fmt: skip
+    progress = SimpleNamespace(current=counters[0], total=counters[1])
+    fit_loop = _Loop(_combined_loader_states_to_load=[state], restarting=True,
+                     epoch_loop=SimpleNamespace(batch_progress=progress))  # fmt: skip
+    return SimpleNamespace(global_rank=0, world_size=world_size, accumulate_grad_batches=accumulate, fit_loop=fit_loop)
+
+
+@pytest.mark.parametrize(("world_size", "batch_size", "expected"), [(1, 4, 2), (1, 2, 4), (4, 1, 2), (1, 8, 1)])
+def test_keep_global_batch_sets_the_accumulation_and_moves_the_batch_counters(make_shards, world_size, batch_size,
+                                                                              expected):  # fmt: skip
+    shards = make_shards([8, 8, 8, 8])
+    _, state, _ = run_ranks(shards, 2, batches=2)  # global batch 2 x 4 x 1 = 8
+    dm = WebDataModule(shards, batch_size=batch_size, num_workers=0, latent_scale=1, shuffle_buffer=6,
+                       keep_global_batch=True)  # fmt: skip
+    dm.trainer = fake_trainer(state, world_size=world_size)
+    loader = dm.train_dataloader()
+    assert dm.trainer.accumulate_grad_batches == expected == loader.state_dict()["accumulate_grad_batches"]
+    assert world_size * batch_size * expected == 8
+    position = 16 // (world_size * batch_size)  # 16 samples read: whole optimizer steps of the new configuration
+    assert loader.batches_done == position and position % expected == 0
+    progress = dm.trainer.fit_loop.epoch_loop.batch_progress.current
+    assert (progress.ready, progress.completed) == (position, position - 1)
+
+
+def test_keep_global_batch_refuses_in_one_line_when_no_accumulation_keeps_it(make_shards):
+    shards = make_shards([8, 8, 8, 8])
+    _, state, _ = run_ranks(shards, 2, batches=2)
+    dm = WebDataModule(shards, batch_size=3, num_workers=0, latent_scale=1, shuffle_buffer=6, keep_global_batch=True)
+    dm.trainer = fake_trainer(state)
+    with pytest.raises(ValueError) as err:
+        dm.train_dataloader()
+    assert str(err.value) == (
+        "data.keep_global_batch=true: the checkpoint's global batch 2 processes x data.batch_size 4 x "
+        "trainer.accumulate_grad_batches 1 = 8 is not a multiple of 1 processes x data.batch_size 3 = 3; choose a "
+        "data.batch_size (or process count) whose product divides it, or set data.keep_global_batch=false"
+    )
 
 
 # ------------------------------------------------------------------------------------------------------ lightning
@@ -142,7 +277,6 @@ def test_lightning_checkpoint_holds_the_loader_state_and_resume_continues(make_s
     for step, (epoch, done) in {4: (0, 4), 8: (1, 2)}.items():
         ckpt = torch.load(tmp_path / "ckpt" / f"step={step}.ckpt", weights_only=True)
         state = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]
-        assert state == [{"epoch": epoch, "batches_done": done, "batch_size": 4, "world_size": 1, "seed": 0,
-                          "mode": "counted", "num_workers": 1, "num_batches": 6}]  # fmt: skip
+        assert state == [state_of(epoch, done, num_batches=6, num_shards=3)]
         resumed = _fit(shards, tmp_path / f"resume{step}", ckpt_path=tmp_path / "ckpt" / f"step={step}.ckpt")
         assert resumed.seen == {s: full.seen[s] for s in range(step, 9)}
