@@ -340,6 +340,11 @@ class ShardLoader:
         return max(len(self.stream), self.epoch_length())
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        # a generator: nothing happens before the first next() (Lightning calls iter() once to check the loader is
+        # iterable, which must not use up a restored position)
+        return self._epoch()
+
+    def _epoch(self) -> Iterator[dict[str, Any]]:
         base = self.stream
         if self.advance and self._started and not base.epoch_set:
             base.epoch += 1
@@ -358,7 +363,7 @@ class ShardLoader:
         # a private generator: the DataLoader draws its workers' base seed from it, not from the global RNG
         loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers,
                             generator=torch.Generator().manual_seed(stream.seed))  # fmt: skip
-        return self._batches(loader, len(stream), skip - self.offset)
+        yield from self._batches(loader, len(stream), skip - self.offset)
 
     def _batches(self, loader: DataLoader, expected: int, skip: int) -> Iterator[dict[str, Any]]:
         count = 0

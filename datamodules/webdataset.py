@@ -58,6 +58,7 @@ import torch
 
 from datamodules.base import ZigMaDataModule
 from datamodules.decoding import SampleDecoder
+from datamodules.errors import ResumeSettingsError
 from datamodules.images import batches_of
 from datamodules.manifest import read_manifest
 from datamodules.shards import (
@@ -247,7 +248,7 @@ class ShardDataModule(ZigMaDataModule):
         """The accumulation that keeps the checkpoint's global batch (``keep_global_batch``), else None.
 
         Raises:
-            ValueError: no whole number does (one line naming the fields).
+            ResumeSettingsError: no whole number does (one line naming the fields; ``cli`` prints it, exit 1).
         """
         if not self.keep_global_batch:
             return None
@@ -256,7 +257,7 @@ class ShardDataModule(ZigMaDataModule):
         old_accumulation = int(state.get("accumulate_grad_batches", loader.accumulation))
         target = old_world * old_batch * old_accumulation
         if target % (world * batch):
-            raise ValueError(
+            raise ResumeSettingsError(
                 f"data.keep_global_batch=true: the checkpoint's global batch {old_world} processes x data.batch_size "
                 f"{old_batch} x trainer.accumulate_grad_batches {old_accumulation} = {target} is not a multiple of "
                 f"{world} processes x data.batch_size {batch} = {world * batch}; choose a data.batch_size (or process "

@@ -10,14 +10,14 @@ process from a 2-process checkpoint keeps the global batch, the step count and t
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import logging
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
 
+from datamodules.errors import ResumeSettingsError
 from datamodules.streams import ShardLoader
 from datamodules.webdataset import WebDataModule
 from zigma.flow_module import FlowMatchingModule
@@ -236,7 +236,7 @@ def test_keep_global_batch_refuses_in_one_line_when_no_accumulation_keeps_it(mak
     _, state, _ = run_ranks(shards, 2, batches=2)
     dm = WebDataModule(shards, batch_size=3, num_workers=0, latent_scale=1, shuffle_buffer=6, keep_global_batch=True)
     dm.trainer = fake_trainer(state)
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(ResumeSettingsError) as err:  # cli.main prints a DataError in one line
         dm.train_dataloader()
     assert str(err.value) == (
         "data.keep_global_batch=true: the checkpoint's global batch 2 processes x data.batch_size 4 x "
@@ -248,23 +248,25 @@ def test_keep_global_batch_refuses_in_one_line_when_no_accumulation_keeps_it(mak
 # ------------------------------------------------------------------------------------------------------ lightning
 class _Record(L.Callback):
     def __init__(self):
-        self.seen: dict[int, list[int]] = {}  # global step -> the step's sample indices
+        self.seen: dict[int, list[int]] = {}  # global step -> the step's sample indices (the last batch of it)
+        self.batches: list[tuple[int, int, int, list[int]]] = []  # (epoch, batch_idx, global step, sample indices)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.seen[trainer.global_step] = indices(batch)
+        self.batches.append((trainer.current_epoch, batch_idx, trainer.global_step, indices(batch)))
 
 
-def _fit(shards, tmp_path, *, callbacks=(), ckpt_path=None) -> _Record:
+def _fit(shards, tmp_path, *, callbacks=(), ckpt_path=None, max_steps=9, **data_settings) -> tuple[_Record, L.Trainer]:
     record = _Record()
     module = FlowMatchingModule(net={"in_channels": 4, "img_dim": 8, "patch_size": 4, "embed_dim": 16, "depth": 1,
                                      "scan_type": "zigzagN2"})  # fmt: skip
-    data = WebDataModule(shards, batch_size=4, num_workers=0, latent_scale=1, shuffle_buffer=6)
-    trainer = L.Trainer(max_steps=9, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+    data = WebDataModule(shards, batch_size=4, num_workers=0, latent_scale=1, shuffle_buffer=6, **data_settings)
+    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
                         callbacks=[record, *callbacks], enable_checkpointing=bool(callbacks))  # fmt: skip
     trainer.fit(module, data, ckpt_path=ckpt_path)
     assert isinstance(trainer.train_dataloader, ShardLoader)  # not re-wrapped by Lightning
-    return record
+    return record, trainer
 
 
 def test_lightning_checkpoint_holds_the_loader_state_and_resume_continues(make_shards, tmp_path):
@@ -272,11 +274,46 @@ def test_lightning_checkpoint_holds_the_loader_state_and_resume_continues(make_s
     continues with the batches of the uninterrupted run."""
     shards = make_shards([8, 8, 8], latent_shape=(4, 8, 8))
     every4 = L.pytorch.callbacks.ModelCheckpoint(tmp_path / "ckpt", "{step}", every_n_train_steps=4, save_top_k=-1)
-    full = _fit(shards, tmp_path, callbacks=[every4])
+    full, _ = _fit(shards, tmp_path, callbacks=[every4])
     assert sorted(full.seen) == list(range(9))
     for step, (epoch, done) in {4: (0, 4), 8: (1, 2)}.items():
         ckpt = torch.load(tmp_path / "ckpt" / f"step={step}.ckpt", weights_only=True)
         state = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]
         assert state == [state_of(epoch, done, num_batches=6, num_shards=3)]
-        resumed = _fit(shards, tmp_path / f"resume{step}", ckpt_path=tmp_path / "ckpt" / f"step={step}.ckpt")
+        resumed, _ = _fit(shards, tmp_path / f"resume{step}", ckpt_path=tmp_path / "ckpt" / f"step={step}.ckpt")
         assert resumed.seen == {s: full.seen[s] for s in range(step, 9)}
+
+
+def test_lightning_resume_on_one_process_from_two_keeps_global_batch_steps_and_lr(make_shards, tmp_path, monkeypatch,
+                                                                                    caplog):  # fmt: skip
+    """A checkpoint after 3 steps of 2 processes x batch 4 (simulated: this process reads rank 0's share; rank 1's
+    is read by a plain loader), resumed on 1 process with ``keep_global_batch``: accumulation 2, and Lightning's
+    batch counter moves to batch 6 of 8, so the epoch's last 8 samples make exactly one optimizer step (step 3),
+    epoch 1 starts after it with 2 batches per step (step 4), and the AdamW step count and the LR schedule equal the
+    global step."""
+    shards = make_shards([8, 8, 8, 8], latent_shape=(4, 8, 8))
+    every3 = L.pytorch.callbacks.ModelCheckpoint(tmp_path / "ckpt", "{step}", every_n_train_steps=3, save_top_k=-1)
+    with monkeypatch.context() as patch:
+        patch.setattr(WebDataModule, "rank_and_world", lambda self: (0, 2))
+        two, _ = _fit(shards, tmp_path, callbacks=[every3], max_steps=3)
+    rank1, _, _ = run_ranks(shards, 2, batches=3)  # ranks 0 and 1 of the first 3 steps
+    assert [i for *_, ids in two.batches for i in ids] == rank1[:12]
+    with caplog.at_level(logging.INFO, logger="zigma.data"):
+        one, trainer = _fit(shards, tmp_path / "one", ckpt_path=tmp_path / "ckpt" / "step=3.ckpt", max_steps=5,
+                            keep_global_batch=True)  # fmt: skip
+    assert trainer.accumulate_grad_batches == 2
+    assert [(epoch, idx, step) for epoch, idx, step, _ in one.batches] == [
+        (0, 6, 3), (0, 7, 3), (1, 0, 4), (1, 1, 4)]  # fmt: skip
+    epoch0 = rank1 + [i for epoch, *_, ids in one.batches if epoch == 0 for i in ids]
+    assert sorted(epoch0) == list(range(32))
+    fresh = make_loader(shards, "counted", num_workers=0)
+    drain(fresh)
+    assert [ids for epoch, *_, ids in one.batches if epoch == 1] == drain(fresh)[:2]
+    optimizer, scheduler = trainer.optimizers[0], trainer.lr_scheduler_configs[0].scheduler
+    assert trainer.global_step == 5 == scheduler.last_epoch
+    assert all(int(state["step"]) == 5 for state in optimizer.state.values())
+    notes = [r.getMessage() for r in caplog.records if "continues after" in r.getMessage()]
+    assert len(notes) == 1 and notes[0].endswith(
+        "checkpoint 2 processes x 1 workers x batch 4, now 1 x 1 x 4; data.keep_global_batch: "
+        "trainer.accumulate_grad_batches 1 -> 2 (global batch 8)"
+    )
