@@ -41,6 +41,11 @@ Distribution (each step is a function in ``datamodules.shards``):
   shard and key, and one more raises ``datamodules.errors.BadSampleBudgetExceeded``: one line naming the budget, the
   count, the last shard, key and error. A DataLoader worker hands it to the main process as an item, which
   ``ShardLoader`` raises there unchanged (torch would wrap it in the worker's traceback).
+- Resume (``datamodules.streams``): a checkpoint's data position continues exactly with the same configuration,
+  and, with another number of processes, workers or ``batch_size`` (elastic resume), from the same set of samples
+  read: the rest of the epoch is dealt to the new ranks (``remainder_stream``). ``keep_global_batch`` then keeps the
+  checkpoint's processes x batch_size x ``trainer.accumulate_grad_batches`` by setting the accumulation, or refuses
+  in one line; ``train_dataloader`` restores the pending state itself and moves Lightning's batch counters.
 - At construction the data's shapes are read from the first decodable sample, in shard order, under the same budget:
   damage at the start of the first shard is skipped (and logged) as anywhere else.
 """
