@@ -41,8 +41,10 @@ replay does not decode, so a skipped bad sample moves the replayed boundary of i
 read twice). In ``epoch_length`` and ``resampled`` modes samples are not tracked (those epochs repeat samples by
 design): the epoch continues after the same number of global samples, rounded up to a whole batch of the new
 configuration, in the new configuration's stream. The loader's position after a change is counted in batches of the
-new configuration (``offset``: the consumed samples / (W'·B'), rounded up); ``datamodules.webdataset`` moves
-Lightning's batch counters to it (so gradient accumulation and ``val_check_interval`` keep their phase) and, with
+new configuration (``offset``, ``_position``: the samples read / (W'·B'), rounded up; at least a normal epoch's
+batch count minus the rest's, because Lightning reads an epoch's length once and would cut later, longer epochs; a
+multiple of the gradient accumulation when the checkpoint was written at an optimizer step).
+``datamodules.webdataset`` moves Lightning's batch counters to it, so accumulation windows stay whole, and, with
 ``data.keep_global_batch``, adjusts ``trainer.accumulate_grad_batches``.
 """
 
@@ -335,9 +337,9 @@ class ShardLoader:
         return self.offset + len(self.current)
 
     def __len__(self) -> int:
-        # read by Lightning once, before the resumed epoch: the larger of the resumed and a normal epoch, so that
-        # neither is cut short (a shorter one ends with StopIteration)
-        return max(len(self.stream), self.epoch_length())
+        # Lightning reads it once, before a resumed epoch: after a change that one is never shorter than a normal
+        # epoch (``_position``), so no later epoch is cut short, and a shorter normal epoch ends the usual way
+        return self.epoch_length()
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         # a generator: nothing happens before the first next() (Lightning calls iter() once to check the loader is
@@ -374,6 +376,10 @@ class ShardLoader:
             if count <= skip:  # fast-forward to the restored position: read, decoded, dropped
                 continue
             self.batches_done = self.offset + count  # counted when handed out, in this (the main) process
+            if count == expected and self.current is not self.stream:
+                # the rest of a resumed epoch is read: len() is a normal epoch's again before Lightning's next epoch
+                # reads it (the position stays past its end: a checkpoint now resumes at the next epoch)
+                self.current, self.segments, self.offset = self.stream, [], 0
             yield batch
         if count != expected:  # a bug, not a data problem: workers wrap around to meet their quotas
             raise RuntimeError(f"the shard loader yielded {count} batches, planned {expected}")
@@ -421,6 +427,7 @@ class ShardLoader:
         now = {"seed": s.seed, "mode": s.mode, "num_shards": len(s.all_shards)}
         changed = {k: (state[k], v) for k, v in now.items() if k in state and state[k] != v}
         same = saved == self.configuration()
+        saved_accumulation = int(state.get("accumulate_grad_batches", self.accumulation))
         self.current, self.segments, self.offset, note = s, [], 0, None
         if done >= int(state.get("num_batches", self.epoch_length())):
             done = self.epoch_length()  # the epoch was complete: the next iterator starts the next one
@@ -433,7 +440,7 @@ class ShardLoader:
                 done = self._restart(epoch, done, {"num_batches": (state["num_batches"], len(s))})
         elif s.mode != "counted":  # samples are not tracked: carry the global sample count over
             samples = done * saved[0] * saved[2]
-            done = min(math.ceil(samples / (s.world_size * s.batch_size)), len(s))
+            done = min(self._position(samples, stepped=done % saved_accumulation == 0), len(s))
             note = (f"train data: epoch {epoch} continues after {samples} samples at batch {done} of {len(s)} "
                     f"({s.mode} mode: which samples were read is not tracked); {self._change(saved)}")  # fmt: skip
         elif self.replan is None:
@@ -444,11 +451,12 @@ class ShardLoader:
                 self.current, self.segments, self.offset = s, [], 0
                 done = self._restart(epoch, done, {"num_batches": (state["num_batches"], "another plan")})
         else:  # elastic: the rest of the epoch, dealt to this configuration
+            stepped = done % saved_accumulation == 0
             segments = [*segments, [*saved, done - offset]]
             samples = sum(w * b * n for w, _, b, n in segments)
-            done = math.ceil(samples / (s.world_size * s.batch_size))
-            self.current, self.segments, self.offset = self.replan(segments, epoch), segments, done
+            self.current, self.segments = self.replan(segments, epoch), segments
             rest = len(self.current)
+            done = self.offset = self._position(samples, stepped=stepped)
             unread = rest * s.world_size * s.batch_size
             note = (f"train data: epoch {epoch} continues after {samples} samples with {unread} unread ones in "
                     f"{rest} batches per process, from batch {done} of {self.epoch_length()}; "
@@ -460,6 +468,16 @@ class ShardLoader:
         self._resume = (epoch, done)
         self._loaded = dict(state)
         return note
+
+    def _position(self, samples: int, *, stepped: bool) -> int:
+        """The batch index (Lightning's batch counter) at which an epoch continues after a change, ``samples`` read:
+        ``samples`` in batches of this configuration (x = W'·B'), rounded up, and, when the checkpoint was written at
+        an optimizer step (``stepped``), rounded up to a multiple of ``accumulation``, so that the next step
+        accumulates a whole window again. A counted epoch then has at least as many batches as a normal one:
+        ceil(C/x) + floor((N-C)/x) >= floor(N/x) >= a normal epoch's (its smallest rank's) batches; Lightning reads
+        an epoch's length once, so a shorter resumed epoch would cut every later one."""
+        position = math.ceil(samples / (self.stream.world_size * self.stream.batch_size))
+        return -(-position // self.accumulation) * self.accumulation if stepped else position
 
     def _change(self, saved: list[int]) -> str:
         (w, k, b), (w2, k2, b2) = saved, self.configuration()

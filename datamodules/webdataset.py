@@ -236,14 +236,15 @@ class ShardDataModule(ZigMaDataModule):
         state = pending_loader_state(trainer)
         if state is None:
             return loader
-        note = loader.restore(state)
         accumulation = self._keep_global_batch(state, loader)
+        change = None
         if accumulation is not None and accumulation != loader.accumulation:
-            note = (note + "; " if note else "train data: ") + (
-                f"data.keep_global_batch: trainer.accumulate_grad_batches {loader.accumulation} -> {accumulation} "
-                f"(global batch {world * self.batch_size * accumulation})"
-            )
+            change = (f"data.keep_global_batch: trainer.accumulate_grad_batches {loader.accumulation} -> "
+                      f"{accumulation} (global batch {world * self.batch_size * accumulation})")  # fmt: skip
             trainer.accumulate_grad_batches = loader.accumulation = accumulation
+        note = loader.restore(state)  # its position counts whole accumulation windows of the new setting
+        if change:
+            note = (note + "; " if note else "train data: ") + change
         shift_batch_progress(trainer, loader.batches_done - int(state["batches_done"]))
         if note and rank == 0:
             log.info("%s", note)
