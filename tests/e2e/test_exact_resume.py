@@ -45,6 +45,14 @@ data:
     batch_size: 16
     repeats: 1
 """
+STEP_CHECKPOINTS = """
+trainer:
+  callbacks:  # a checkpoint after every step, mid-epoch (Lightning's train-end save would close the epoch)
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args:
+        every_n_train_steps: 1
+        save_last: true
+"""
 PROBE = "--trainer.callbacks+=tests.e2e.probes.BatchProbe"
 SLURM_JOB = "4242"
 
@@ -191,3 +199,48 @@ def test_slurm_sigusr1_inside_a_step_then_requeued_run_is_exact(uninterrupted, t
     final, before, after, resume_step = slurm_preempt_and_requeue(tmp_path, pause="start:4")
     assert_batches_continue(before, after, reference_batches, resume_step)
     report("slurm sigusr1 inside a step", max_differences(final, reference))
+
+
+def test_shards_resume_with_another_batch_keeps_the_global_batch_or_refuses_in_one_line(tmp_path, caplog, capsys):
+    """Through ``cli.main`` (in-process) on latent shards (4 x 8 samples): 2 steps of batch 4, then resumed with
+    ``data.batch_size=2`` and ``data.keep_global_batch``: accumulation 2, the epoch continues at batch 4 of the
+    smaller batches (8 samples read), and step 3 ends it after 4 batches of 2 (global batch 8 kept). Resumed with
+    batch 3 instead, no whole accumulation gives 8: one ``error:`` line naming the fields, exit 1."""
+    from tests.datamodules.conftest import write_shards
+    from tests.e2e.helpers import main_in_process
+
+    shards = write_shards(tmp_path / "shards", [8, 8, 8, 8], latent_shape=(4, 8, 8))
+    every_step = tmp_path / "every_step.yaml"
+    every_step.write_text(STEP_CHECKPOINTS)
+
+    def fit(runs: Path, batch: int, steps: int, *extra: str):
+        return main_in_process("fit", "--config", "tests/e2e/shards.yaml", "--config", str(every_step),
+                               "--data", "datamodules.WebDataModule",
+                               "--data.init_args.shards", str(Path(shards[0]).parent), "--data.init_args.latent_scale",
+                               "1", "--data.init_args.num_workers", "0", "--data.init_args.batch_size", str(batch),
+                               "--trainer.max_steps", str(steps), *extra, runs=runs)  # fmt: skip
+
+    fit(tmp_path / "runs", 4, 2)
+    checkpoint = tmp_path / "runs" / "shards" / "version_0" / "checkpoints" / "last.ckpt"
+    assert loader_state(load(checkpoint))["batches_done"] == 2
+    with caplog.at_level("INFO", logger="zigma.data"):
+        fit(tmp_path / "runs", 2, 3, "--data.init_args.keep_global_batch", "true", "--ckpt_path", "last")
+    notes = [r.getMessage() for r in caplog.records if "continues after 8 samples" in r.getMessage()]
+    assert len(notes) == 1 and notes[0].endswith(
+        "checkpoint 1 processes x 1 workers x batch 4, now 1 x 1 x 2; data.keep_global_batch: "
+        "trainer.accumulate_grad_batches 1 -> 2 (global batch 4)"
+    )
+    final = load(checkpoint)
+    assert final["global_step"] == 3
+    state = loader_state(final)
+    assert (state["batch_size"], state["accumulate_grad_batches"], state["batches_done"]) == (2, 2, 6)
+    assert (state["segments"], state["offset"], state["num_batches"]) == ([[1, 1, 4, 2]], 4, 16)
+
+    with pytest.raises(SystemExit) as stop:
+        fit(tmp_path / "refused", 3, 3, "--data.init_args.keep_global_batch", "true", "--ckpt_path", str(checkpoint))
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert stop.value.code == 1 and errors == [
+        "error: data.keep_global_batch=true: the checkpoint's global batch 1 processes x data.batch_size 2 x "
+        "trainer.accumulate_grad_batches 2 = 4 is not a multiple of 1 processes x data.batch_size 3 = 3; choose a "
+        "data.batch_size (or process count) whose product divides it, or set data.keep_global_batch=false"
+    ]
