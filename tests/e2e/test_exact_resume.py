@@ -201,11 +201,11 @@ def test_slurm_sigusr1_inside_a_step_then_requeued_run_is_exact(uninterrupted, t
     report("slurm sigusr1 inside a step", max_differences(final, reference))
 
 
-def test_shards_resume_with_another_batch_keeps_the_global_batch_or_refuses_in_one_line(tmp_path, caplog, capsys):
-    """Through ``cli.main`` (in-process) on latent shards (4 x 8 samples): 2 steps of batch 4, then resumed with
-    ``data.batch_size=2`` and ``data.keep_global_batch``: accumulation 2, the epoch continues at batch 4 of the
-    smaller batches (8 samples read), and step 3 ends it after 4 batches of 2 (global batch 8 kept). Resumed with
-    batch 3 instead, no whole accumulation gives 8: one ``error:`` line naming the fields, exit 1."""
+def test_shards_resume_that_cannot_keep_the_global_batch_stops_with_one_line(tmp_path, capsys):
+    """Through ``cli.main`` (in-process) on latent shards: 2 steps of batch 4, then a resume with ``data.batch_size=3``
+    and ``data.keep_global_batch``: no whole accumulation turns 3 into 4, so one ``error:`` line naming the fields
+    and exit 1, before any step. (Kept global batches: ``tests/e2e/test_ddp.py`` resumes a 2-process checkpoint on 1
+    process; ``tests/datamodules/test_webdataset_resume.py``.)"""
     from tests.datamodules.conftest import write_shards
     from tests.e2e.helpers import main_in_process
 
@@ -222,25 +222,16 @@ def test_shards_resume_with_another_batch_keeps_the_global_batch_or_refuses_in_o
 
     fit(tmp_path / "runs", 4, 2)
     checkpoint = tmp_path / "runs" / "shards" / "version_0" / "checkpoints" / "last.ckpt"
-    assert loader_state(load(checkpoint))["batches_done"] == 2
-    with caplog.at_level("INFO", logger="zigma.data"):
-        fit(tmp_path / "runs", 2, 3, "--data.init_args.keep_global_batch", "true", "--ckpt_path", "last")
-    notes = [r.getMessage() for r in caplog.records if "continues after 8 samples" in r.getMessage()]
-    assert len(notes) == 1 and notes[0].endswith(
-        "checkpoint 1 processes x 1 workers x batch 4, now 1 x 1 x 2; data.keep_global_batch: "
-        "trainer.accumulate_grad_batches 1 -> 2 (global batch 4)"
-    )
-    final = load(checkpoint)
-    assert final["global_step"] == 3
-    state = loader_state(final)
-    assert (state["batch_size"], state["accumulate_grad_batches"], state["batches_done"]) == (2, 2, 6)
-    assert (state["segments"], state["offset"], state["num_batches"]) == ([[1, 1, 4, 2]], 4, 16)
-
+    assert loader_state(load(checkpoint))["batches_done"] == 2  # mid-epoch
+    capsys.readouterr()
     with pytest.raises(SystemExit) as stop:
         fit(tmp_path / "refused", 3, 3, "--data.init_args.keep_global_batch", "true", "--ckpt_path", str(checkpoint))
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert stop.value.code == 1 and errors == [
-        "error: data.keep_global_batch=true: the checkpoint's global batch 1 processes x data.batch_size 2 x "
-        "trainer.accumulate_grad_batches 2 = 4 is not a multiple of 1 processes x data.batch_size 3 = 3; choose a "
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert stop.value.code == 1 and "Traceback" not in err
+    assert errors == [
+        "error: data.keep_global_batch=true: the checkpoint's global batch 1 processes x data.batch_size 4 x "
+        "trainer.accumulate_grad_batches 1 = 4 is not a multiple of 1 processes x data.batch_size 3 = 3; choose a "
         "data.batch_size (or process count) whose product divides it, or set data.keep_global_batch=false"
     ]
+    assert not (tmp_path / "refused" / "shards" / "version_0" / "checkpoints").exists()  # no step ran
