@@ -5,6 +5,8 @@ its training batches, step by step, are the uninterrupted run's (no batch repeat
 Runs that are neither killed nor under SLURM (the uninterrupted reference, the resume after SIGKILL) use ``cli.main``
 in-process; the others are subprocesses.
 
+Also: a resume on latent shards whose global batch ``data.keep_global_batch`` cannot keep stops with one line.
+
 Setup: the tiny quickstart model, 100 faces in batches of 16 (6 batches per epoch, 4 faces dropped), N = 10 steps,
 so every run crosses the epoch boundary after step 6; checkpoints after every step; validation every 4 steps.
 """
