@@ -41,9 +41,9 @@ replay does not decode, so a skipped bad sample moves the replayed boundary of i
 read twice). In ``epoch_length`` and ``resampled`` modes samples are not tracked (those epochs repeat samples by
 design): the epoch continues after the same number of global samples, rounded up to a whole batch of the new
 configuration, in the new configuration's stream. The loader's position after a change is counted in batches of the
-new configuration (``offset``, ``_position``: the samples read / (W'·B'), rounded up; at least a normal epoch's
-batch count minus the rest's, because Lightning reads an epoch's length once and would cut later, longer epochs; a
-multiple of the gradient accumulation when the checkpoint was written at an optimizer step).
+new configuration (``offset``, ``_position``: the samples read / (W'·B'), rounded up, and up to a multiple of the
+gradient accumulation when the checkpoint was written at an optimizer step); the resumed epoch is then never shorter
+than a normal one, which matters because Lightning reads an epoch's length once.
 ``datamodules.webdataset`` moves Lightning's batch counters to it, so accumulation windows stay whole, and, with
 ``data.keep_global_batch``, adjusts ``trainer.accumulate_grad_batches``.
 """
