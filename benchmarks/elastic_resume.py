@@ -14,6 +14,7 @@ the samples each had to read again. Runs alternate (baseline, elastic, baseline,
 from __future__ import annotations
 
 import argparse
+import io
 import statistics
 import sys
 import tempfile
@@ -24,8 +25,25 @@ from types import SimpleNamespace
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
+import webdataset as wds  # noqa: E402
+
 from datamodules.webdataset import WebDataModule  # noqa: E402
-from tests.datamodules.conftest import write_shards  # noqa: E402
+
+
+def write_shards(directory: Path, counts: list[int], latent_shape: tuple[int, ...]) -> list[str]:
+    """Shards ``train-<k>.tar`` of ``counts[k]`` samples, each an fp32 ``latent.npy`` of ``latent_shape``."""
+    paths, index, rng = [], 0, np.random.default_rng(0)
+    for shard, count in enumerate(counts):
+        path = directory / f"train-{shard:06d}.tar"
+        with wds.TarWriter(str(path)) as sink:
+            for _ in range(count):
+                buffer = io.BytesIO()
+                np.save(buffer, rng.standard_normal(latent_shape).astype(np.float32))
+                sink.write({"__key__": f"{index:08d}", "latent.npy": buffer.getvalue()})
+                index += 1
+        paths.append(str(path))
+    return paths
 
 
 def loader(shards: list[str], rank: int, world_size: int, batch_size: int):
