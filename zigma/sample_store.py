@@ -8,7 +8,8 @@ Layout of ``<directory>``::
     <index:06d>.png        optional, one per sample (video: ``<index:06d>_<frame:03d>.png``)
     grid.png               the samples 0 .. 63 (those present), tiled
     samples.npz            ``arr_0``: uint8 (N, H, W, C) (or (N, T, H, W, C)) of samples 0 .. N-1 in order, and
-                           ``index`` = 0 .. N-1: the layout of ADM's evaluator and clean-fid
+                           ``index`` = 0 .. N-1: the layout of ADM's evaluator and clean-fid; the same samples
+                           give the same bytes (fixed zip time stamps)
 
 Every file is written atomically (``zigma.files.atomic_write``), PNGs before their shard, so a shard on disk means
 its batch is complete and a killed run leaves no partial file. Memory: one shard at a time. ``samples.npz`` is
@@ -144,6 +145,11 @@ class SampleStore:
             with np.load(path) as data:
                 yield data["index"], data["arr_0"]
 
+    def _indices(self) -> Iterator[np.ndarray]:
+        for path in sorted(self.shard_dir.glob("*.npz")):
+            with np.load(path) as data:
+                yield data["index"]
+
     def write_grid(self, limit: int = GRID_SIZE) -> Path | None:
         """``grid.png`` of the samples with index < ``limit`` that exist (in index order); None when there are none."""
         from torchvision.utils import make_grid, save_image
@@ -163,13 +169,16 @@ class SampleStore:
             save_image(grid, f, format="png")
         return path
 
-    def assemble(self, count: int) -> Path:
-        """Write ``samples.npz`` of samples 0 .. count-1 from the shards, in constant memory (see the module doc).
+    def assemble(self, count: int | None = None) -> Path:
+        """Write ``samples.npz`` of samples 0 .. count-1 from the shards, in constant memory (see the module doc);
+        ``count`` None: as many as the shards hold.
 
         Raises:
             SampleStoreError: a sample is missing, repeated or has another shape than the others.
         """
         target = self.directory / SAMPLES_NAME
+        if count is None:
+            count = sum(len(index) for index in self._indices())
         npy = temporary_path(self.directory / "samples.npy")
         seen = np.zeros(count, dtype=bool)
         try:
@@ -192,14 +201,19 @@ class SampleStore:
                     raise SampleStoreError(f"{self.shard_dir} lacks {len(missing)} of {count} samples (first: "
                                            f"index {int(missing[0])}); run the same command again to make them")  # fmt: skip
             with atomic_write(target) as out, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
-                with z.open("arr_0.npy", "w", force_zip64=True) as member, open(npy, "rb") as src:
+                with z.open(_member("arr_0.npy"), "w", force_zip64=True) as member, open(npy, "rb") as src:
                     shutil.copyfileobj(src, member, _COPY_CHUNK)
                 buffer = io.BytesIO()
                 np.save(buffer, np.arange(count, dtype=np.int64))
-                z.writestr("index.npy", buffer.getvalue())
+                z.writestr(_member("index.npy"), buffer.getvalue())
         finally:
             npy.unlink(missing_ok=True)
         return target
+
+
+def _member(name: str) -> zipfile.ZipInfo:
+    """A zip entry with a fixed time stamp, so the same samples give the same ``samples.npz`` bytes."""
+    return zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
 
 
 def _write_npy_header(f, shape: tuple[int, ...]) -> int:

@@ -215,7 +215,6 @@ def prepare(args: argparse.Namespace) -> tuple[object, SamplePlan, dict]:
     captions = read_captions(args, module)
     plan = SamplePlan(args.count, args.seed, args.batch_size, mode, method, steps, scale, labels, captions)
     settings = {
-        "checkpoint": str(Path(args.ckpt).resolve()),
         "weights_sha256": weights_fingerprint(module.ema.network),
         "count": plan.count, "seed": plan.seed, "batch_size": plan.batch_size, "mode": mode, "method": method,
         "steps": steps, "guidance_scale": scale, "labels": args.labels or ("random" if labels is not None else None),
