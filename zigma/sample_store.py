@@ -198,8 +198,8 @@ class SampleStore:
                         os.pwrite(f.fileno(), image.tobytes(), offset + i * row_bytes)
                 missing = np.flatnonzero(~seen)
                 if len(missing):
-                    raise SampleStoreError(f"{self.shard_dir} lacks {len(missing)} of {count} samples (first: "
-                                           f"index {int(missing[0])}); run the same command again to make them")  # fmt: skip
+                    raise SampleStoreError(f"{self.shard_dir} lacks {len(missing)} of {count} samples (first: index "
+                                           f"{int(missing[0])}); run the same command again to make them")  # fmt: skip
             with atomic_write(target) as out, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
                 with z.open(_member("arr_0.npy"), "w", force_zip64=True) as member, open(npy, "rb") as src:
                     shutil.copyfileobj(src, member, _COPY_CHUNK)

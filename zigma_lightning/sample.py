@@ -49,7 +49,7 @@ class UsageError(ValueError):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zigma sample", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--ckpt", required=True, help="a Lightning .ckpt, a `zigma export` directory or an upstream .pt")
+    parser.add_argument("--ckpt", required=True, help="Lightning .ckpt, `zigma export` directory or upstream .pt")
     parser.add_argument("--out", required=True, help="output directory (resumed when it holds the same run)")
     parser.add_argument("--count", "--num", type=int, required=True, help="number of samples N")
     parser.add_argument("--seed", type=int, default=0, help="sample i depends only on (seed, i)")

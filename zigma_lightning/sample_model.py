@@ -20,8 +20,14 @@ from typing import Any
 
 import torch
 
-from zigma.checkpoint import CONFIG_NAME, WEIGHTS_NAME, WEIGHT_CHOICES, from_pretrained, load_upstream_checkpoint
-from zigma.checkpoint import read_flow_settings
+from zigma.checkpoint import (
+    CONFIG_NAME,
+    WEIGHT_CHOICES,
+    WEIGHTS_NAME,
+    from_pretrained,
+    load_upstream_checkpoint,
+    read_flow_settings,
+)
 from zigma.flow_module import FlowMatchingModule
 
 # FlowMatchingModule settings that change what a trained network samples (kept by ``zigma export`` in flow.json)
