@@ -11,10 +11,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
 
+from callbacks import SampleWriter
+from datamodules.base import ZigMaDataModule
 from tests.e2e.helpers import ROOT
 from tests.zigma.test_checkpoint import perturbed, upstream_checkpoint
 from zigma import ZigMa, from_pretrained, save_pretrained
@@ -52,9 +55,9 @@ def reference(tmp_path_factory) -> Path:
     return out
 
 
-def tiny_export(folder: Path, **net) -> Path:
+def tiny_export(folder: Path, flow: dict | None = None, **net) -> Path:
     torch.manual_seed(0)
-    save_pretrained(perturbed(ZigMa(**{**TINY, **net})), folder, flow=FLOW)
+    save_pretrained(perturbed(ZigMa(**{**TINY, **net})), folder, flow={**FLOW, **(flow or {})})
     return folder
 
 
@@ -144,17 +147,27 @@ def test_an_upstream_checkpoint_samples_as_its_export(tmp_path):
     assert (tmp_path / "out_0001000.pt/samples.npz").read_bytes() == (tmp_path / "out_export/samples.npz").read_bytes()
 
 
-def test_a_text_model_samples_caption_i_mod_k_from_a_caption_file(tmp_path):
-    folder = tiny_export(tmp_path / "text", has_text=True, d_context=8, cond_dropout_prob=0.1)
+def test_a_text_model_samples_caption_i_mod_k_from_a_caption_file_as_predict_does(tmp_path):
+    folder = tiny_export(tmp_path / "text", {"guidance_scale": 2.0}, has_text=True, d_context=8, cond_dropout_prob=0.1)
     captions = torch.randn(2, 4, 8)
     np.save(tmp_path / "captions.npy", captions.numpy())
     out = tmp_path / "out"
-    assert run("--ckpt", folder, "--count", 3, "--guidance-scale", 2, "--captions", tmp_path / "captions.npy",
-               "--out", out) == 0  # fmt: skip
+    assert run("--ckpt", folder, "--count", 3, "--captions", tmp_path / "captions.npy", "--out", out) == 0
     module = load_sampling_module(folder)
     indices = torch.arange(3)
     result = module.generate(module.noise(indices), captions[indices % 2], guidance_scale=2.0)
     np.testing.assert_array_equal(images(out), to_uint8_hwc(result.x))
+
+    class TextData(ZigMaDataModule):
+        context_dim = 8
+
+    data = TextData(num_predict_samples=3, predict_batch_size=3, predict_captions=str(tmp_path / "captions.npy"))
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[SampleWriter(str(tmp_path / "predict"), save_npz=True, png=False)])  # fmt: skip
+    trainer.predict(module, data.predict_dataloader(), return_predictions=False)
+    assert (tmp_path / "predict" / "samples.npz").read_bytes() == (out / "samples.npz").read_bytes()
+    with pytest.raises(ValueError, match=r"set data.predict_captions to a .npy/.npz/.pt file of shape \(K, N, 8\)"):
+        TextData().predict_dataloader()
 
 
 @pytest.mark.parametrize(
