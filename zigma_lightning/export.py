@@ -36,7 +36,7 @@ def export(checkpoint: str | Path, out: str | Path, weights: str = "ema") -> Pat
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The command: 0 when the export is written; a bad checkpoint prints one line ``error: ...`` and gives 2."""
-    parser = argparse.ArgumentParser(prog="zigma export", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="zigma export", description=__doc__.split("\n\n")[0].split(": ", 1)[1])
     parser.add_argument("checkpoint", help="a Lightning .ckpt written by zigma fit")
     parser.add_argument("--out", required=True, help="the export directory (created)")
     parser.add_argument("--weights", choices=("ema", "model"), default="ema", help="EMA (default) or live weights")

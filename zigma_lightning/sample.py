@@ -47,7 +47,7 @@ class UsageError(ValueError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="zigma sample", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="zigma sample", description=__doc__.split("\n\n")[0].split(": ", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--ckpt", required=True, help="Lightning .ckpt, `zigma export` directory or upstream .pt")
     parser.add_argument("--out", required=True, help="output directory (resumed when it holds the same run)")
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="sample i depends only on (seed, i)")
     parser.add_argument("--batch-size", type=int, default=64, help="samples per batch and shard")
     parser.add_argument("--mode", choices=MODES, help="ode or sde (default: the checkpoint's)")
-    parser.add_argument("--method", help="ODE: euler, heun, midpoint, rk4, dopri5...; SDE: Euler, Heun")
+    parser.add_argument("--method", help="ODE: euler, heun, midpoint, rk4, dopri5; SDE: Euler, Heun")
     parser.add_argument("--steps", type=int, help="time points of the sampler grid (default: the checkpoint's)")
     parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance (default: the checkpoint's)")
     parser.add_argument("--labels", help="class models: random (as predict draws them; default), cycle (i %% classes) "
@@ -276,7 +276,8 @@ def run(args: argparse.Namespace) -> Path:
     fabric.launch()  # DDP: starts the other ranks, each running this command again
     store = SampleStore(args.out, png=args.png)
     if fabric.global_rank == 0:
-        store.remove_dead_temporaries()
+        store.remove_dead_temporaries()  # before any rank writes (a pid of another node means nothing here)
+    fabric.barrier()
     module.to(fabric.device)
     made = sample_shards(module, plan, store, fabric.global_rank, fabric.world_size)
     log.info("rank %d made %d shards", fabric.global_rank, made)
