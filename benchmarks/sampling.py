@@ -19,7 +19,8 @@ quickstart model shrunk as the CLI tests shrink it (``tests/e2e/tiny.yaml``: emb
 samples, so the same bytes per sample) at ``--small`` and ``--large`` samples, since 20k samples of the full
 quickstart model take about an hour on 2 CPU cores. Euler with ``--steps`` grid points (default 2: one model call per
 sample; memory does not depend on the steps). Reported per run: wall seconds, process CPU seconds (all threads; less
-sensitive to other load on a shared machine), samples/s (wall), peak RSS (``ru_maxrss`` of that process). The peak
+sensitive to other load on a shared machine), samples/s (wall), from loading the checkpoint to the written
+samples.npz (the imports of each process are not timed), peak RSS (``ru_maxrss`` of that process). The peak
 RSS growth from ``--small`` to ``--large`` must stay below 5% for ``sample`` and ``predict``.
 
     python benchmarks/sampling.py                       # 2-core CPU: ~15 minutes
@@ -99,6 +100,9 @@ def baseline_writer(commit: str, folder: Path):
 def child(job: dict) -> dict:
     """One measured run (in its own process): make ``count`` samples by ``mode``; returns the measurements."""
     torch.set_num_threads(job["threads"])
+    import callbacks  # noqa: F401  (imports are not timed: every path pays them alike, once per process)
+    import zigma_lightning.sample  # noqa: F401
+
     out = Path(job["out"])
     start_wall, start_cpu = time.perf_counter(), time.process_time()
     if job["mode"] == "sample":
