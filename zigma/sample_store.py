@@ -228,9 +228,12 @@ def _check_new_indices(index: np.ndarray, seen: np.ndarray, where: Path) -> None
     if len(index) and (index.min() < 0 or index.max() >= count):
         bad = int(index[(index < 0) | (index >= count)][0])
         raise SampleStoreError(f"{where} holds sample {bad}, outside 0 .. {count - 1}: another run's shards are here")
-    if seen[index].any() or len(np.unique(index)) != len(index):
-        raise SampleStoreError(f"{where} holds sample {int(index[seen[index]][0]) if seen[index].any() else -1} "
-                               "twice: another run's shards are here")  # fmt: skip
+    repeated = index[seen[index]]
+    if not len(repeated):
+        values, counts = np.unique(index, return_counts=True)
+        repeated = values[counts > 1]
+    if len(repeated):
+        raise SampleStoreError(f"{where} holds sample {int(repeated[0])} twice: another run's shards are here")
     seen[index] = True
 
 
