@@ -110,7 +110,8 @@ class ShardDataModule(ZigMaDataModule):
             ``trainer.accumulate_grad_batches`` so that processes x batch_size x accumulation equals the
             checkpoint's (one line refuses the resume when no whole number does); False: the global batch follows
             the new configuration (the change is logged).
-        num_predict_samples, predict_batch_size, predict_seed: ``predict`` requests (``ZigMaDataModule``).
+        num_predict_samples, predict_batch_size, predict_seed, predict_captions: ``predict`` requests
+            (``ZigMaDataModule``; ``predict_captions``: caption features of a text model, (K, N, d)).
     """
 
     latent_scale: float | None = None  # the factor raw latents are multiplied by (None: the data yields pixels)
@@ -119,8 +120,8 @@ class ShardDataModule(ZigMaDataModule):
                  latent_scale: float | None = None, batch_size: int = 32, num_workers: int = 4,
                  shuffle_buffer: int = 1000, seed: int = 0, resampled: bool = False, epoch_length: int | None = None,
                  max_bad_samples: int = 100, keep_global_batch: bool = False, num_predict_samples: int = 16,
-                 predict_batch_size: int = 16, predict_seed: int = 0):  # fmt: skip
-        super().__init__(num_predict_samples, predict_batch_size, predict_seed)
+                 predict_batch_size: int = 16, predict_seed: int = 0, predict_captions: str | None = None):  # fmt: skip
+        super().__init__(num_predict_samples, predict_batch_size, predict_seed, predict_captions)
         for name, value, low in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
                                  ("shuffle_buffer", shuffle_buffer, 0), ("seed", seed, 0),
                                  ("max_bad_samples", max_bad_samples, 0)):  # fmt: skip
