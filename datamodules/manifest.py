@@ -238,16 +238,17 @@ def load_manifest(location: str | os.PathLike, source: object = None) -> dict[st
         ValueError: it is not valid JSON or not a valid manifest.
     """
     location = str(location)
-    source = f" (from {source!r})" if source is not None else ""
+    source = f" (from {source!r})" if source is not None and str(source) != location else ""
     if is_url(location):
-        raw = None
+        raw, failure = None, None
         try:
             raw = open_shard(location)
             with raw:
                 text = raw.read()
         except OSError as err:
-            raise FileNotFoundError(f"read_manifest: cannot read {location}{source}: "
-                                    f"{failure_reason(location, raw, err)}") from None  # fmt: skip
+            failure = f"read_manifest: cannot read {location}{source}: {failure_reason(location, raw, err)}"
+        if failure is not None:  # raised outside the handler: the message is the whole story (no chained curl error)
+            raise FileNotFoundError(failure)
     else:
         if not os.path.isfile(location):
             raise FileNotFoundError(

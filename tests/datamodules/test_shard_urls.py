@@ -23,6 +23,7 @@ from datamodules.manifest import manifest_location, read_manifest, write_manifes
 from datamodules.shards import BadSampleBudget, complete_shard_keys, expand_shards, read_shards
 from datamodules.tars import ShardUnreachable, shard_file_name, spec_parts
 from datamodules.webdataset import WebDataModule
+from zigma_lightning.cli import root_cause
 
 pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="webdataset reads http:// URLs with curl")
 
@@ -200,10 +201,18 @@ def test_a_shard_that_cannot_be_read_is_one_line_naming_it(make_shards, serve, t
     dm = attach(WebDataModule([urls[0], f"{base}/train-000009.tar"], kind="image", resolution=8, batch_size=2,
                               num_workers=2, epoch_length=2))  # fmt: skip
     with pytest.raises(ShardUnreachable) as raised:
-        batches_seen = [b for b in dm.train_dataloader()]  # noqa: F841
+        list(dm.train_dataloader())
     assert str(raised.value) == f"cannot read shard {base}/train-000009.tar: {cases[f'{base}/train-000009.tar']}{tail}"
     with pytest.raises(FileNotFoundError, match=f"^read_manifest: cannot read {base}/manifest.json .*status 22"):
         read_manifest(f"{base}/train-000000.tar")
+    # at start-up (the shape probe reads the first shard) the CLI prints this line, not the tar error that revealed it
+    refused = f"http://127.0.0.1:{port}/train-000000.tar"
+    with pytest.raises(ShardUnreachable) as raised:
+        WebDataModule(refused, kind="image", resolution=8, epoch_length=2)
+    wrapped = ValueError("jsonargparse's wrapper")
+    wrapped.__cause__ = raised.value
+    assert root_cause(wrapped) is raised.value
+    assert str(raised.value) == f"cannot read shard {refused}: {cases[refused]}{tail}"
 
 
 def test_prepare_refuses_an_out_url_in_one_line(tmp_path, capsys):
