@@ -166,18 +166,20 @@ def main() -> None:
           f"{args.rounds} interleaved rounds")  # fmt: skip
     print(
         "| shards | samples per epoch | samples/s best | samples/s median | loader CPU s / epoch (best) | "
-        "server CPU s | target |"
+        "samples per loader CPU s | server CPU s | target |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for name, seen, best, median, cpu, server_cpu, target in rows:
         verdict = "-" if target is None else f">= {target}: {'MET' if best >= target else 'NOT MET'}"
         server_text = "-" if server_cpu is None else f"{server_cpu:.2f}"
-        print(f"| {name} | {seen} | {best:.0f} | {median:.0f} | {cpu:.2f} | {server_text} | {verdict} |")
+        print(f"| {name} | {seen} | {best:.0f} | {median:.0f} | {cpu:.2f} | {seen / cpu:.0f} | {server_text} | "
+              f"{verdict} |")  # fmt: skip
     local, http = rows[0], rows[1]
     ratio = http[2] / local[2]
     print(
         f"\nHTTP / local (best rounds): {ratio:.2f} of the local rate (target >= 0.80: "
-        f"{'MET' if ratio >= 0.8 else 'NOT MET'}); median rounds {http[3] / local[3]:.2f}"
+        f"{'MET' if ratio >= 0.8 else 'NOT MET'}); median rounds {http[3] / local[3]:.2f}; samples per loader CPU "
+        f"second {local[1] / local[4] / (http[1] / http[4]):.2f} x local"
     )
 
 
