@@ -179,7 +179,7 @@ def main() -> None:
     print(
         f"\nHTTP / local (best rounds): {ratio:.2f} of the local rate (target >= 0.80: "
         f"{'MET' if ratio >= 0.8 else 'NOT MET'}); median rounds {http[3] / local[3]:.2f}; samples per loader CPU "
-        f"second {local[1] / local[4] / (http[1] / http[4]):.2f} x local"
+        f"second {http[1] / http[4] / (local[1] / local[4]):.2f} of local's"
     )
 
 
