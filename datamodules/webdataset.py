@@ -11,6 +11,10 @@ latents, keep seeing the numbers they were trained on). A set value that disagre
 line. ``vae_scale`` states the VAE scale of the latents the module yields, for the model's check against
 ``model.vae_scale``. When the shards have a manifest, its per-shard counts are used as well.
 
+Shards may be local files or URLs (``pipe:`` commands, ``http(s)://``; ``datamodules.tars``), read the same way. The
+manifest is the one next to the shards (``datamodules.manifest.manifest_location``) or ``manifest``; shard URLs are
+counted from it only (reading them to count would download them), so without one they need ``epoch_length``.
+
 Batches (``datamodules.base``): latents ``{"x": (B, C, h, w) float32}``, video ``{"x": (B, T, C, h, w) float32}``,
 images ``{"pixels": (B, 3, H, W) float32 in [-1, 1]}`` and video frames ``{"pixels": (B, T, 3, H, W)}`` (the
 LightningModule encodes them with its frozen VAE, so the latent shape is unknown here: ``sample_shape`` is None and
@@ -103,10 +107,10 @@ class ShardDataModule(ZigMaDataModule):
     latent_scale: float | None = None  # the factor raw latents are multiplied by (None: the data yields pixels)
 
     def __init__(self, shards: str | list[str], val_shards: str | list[str] | None = None, *,
-                 manifest: str | None = None, latent_scale: float | None = None, batch_size: int = 32, num_workers: int = 4,
-                 shuffle_buffer: int = 1000, seed: int = 0, resampled: bool = False, epoch_length: int | None = None,
-                 max_bad_samples: int = 100, num_predict_samples: int = 16, predict_batch_size: int = 16,
-                 predict_seed: int = 0):  # fmt: skip
+                 manifest: str | None = None, latent_scale: float | None = None, batch_size: int = 32,
+                 num_workers: int = 4, shuffle_buffer: int = 1000, seed: int = 0, resampled: bool = False,
+                 epoch_length: int | None = None, max_bad_samples: int = 100, num_predict_samples: int = 16,
+                 predict_batch_size: int = 16, predict_seed: int = 0):  # fmt: skip
         super().__init__(num_predict_samples, predict_batch_size, predict_seed)
         for name, value, low in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
                                  ("shuffle_buffer", shuffle_buffer, 0), ("seed", seed, 0),

@@ -123,8 +123,8 @@ def test_http_and_pipe_shards_give_the_local_batches_with_counts_from_the_manife
 
     # the manifest's counts are used (an under-count of shard 0 shows in the quotas), and a missing one is one line
     write_counts_manifest(directory, {"train-000000.tar": 4, **{Path(p).name: 8 for p in local[1:]}})
-    assert attach(WebDataModule(specs["http"], batch_size=4, num_workers=2, latent_scale=1)).train_dataloader(
-    ).stream.quotas == [1 + 2, 2 + 2]  # fmt: skip
+    dm = attach(WebDataModule(specs["http"], val_shards=specs["http"], batch_size=4, num_workers=2, latent_scale=1))
+    assert dm.train_dataloader().stream.quotas == dm.val_dataloader().stream.quotas == [1 + 2, 2 + 2]
     named = attach(WebDataModule(specs["pipe"], manifest=str(directory / "manifest.json"), batch_size=4,
                                  num_workers=0, latent_scale=1))  # fmt: skip
     assert named.train_dataloader().stream.quotas == [1 + 2 + 2 + 2]
