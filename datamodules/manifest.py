@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -203,6 +204,14 @@ def manifest_location(shard: str) -> str | None:
     return os.path.join(os.path.dirname(local_path(shard)), MANIFEST_NAME)
 
 
+def _names_json(url: str) -> bool:
+    """Whether the URL names a ``.json`` file (a manifest itself) rather than a shard: its file name, or for a
+    ``pipe:`` command that names no ``.tar`` file, one of its words."""
+    if url.startswith("pipe:") and shard_file_name(url) is None:
+        return any(re.search(r"\.json($|[?#])", w.strip("'\"")) for w in url[5:].split())
+    return (shard_file_name(url) or "").endswith(".json")
+
+
 def _manifest_locations(dir_or_shards: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
     """The manifests of the shards (or directories, or manifests) named by ``dir_or_shards``, in first-seen order:
     local ``manifest.json`` paths or URLs."""
@@ -211,7 +220,7 @@ def _manifest_locations(dir_or_shards: str | os.PathLike | Sequence[str | os.Pat
         if is_url(spec):
             check_url(spec, "manifest")
             names = expand_pattern(spec)
-            places = [n if shard_file_name(n) == MANIFEST_NAME else manifest_location(n) for n in names]
+            places = [n if _names_json(n) else manifest_location(n) for n in names]
             if None in places:
                 raise FileNotFoundError(f"read_manifest: cannot tell where the manifest of {names[places.index(None)]}"
                                         " is (its command names no .tar file); set data.manifest")  # fmt: skip
@@ -219,7 +228,7 @@ def _manifest_locations(dir_or_shards: str | os.PathLike | Sequence[str | os.Pat
             path = Path(local_path(spec)).expanduser()
             if path.is_dir():
                 places = [str(path / MANIFEST_NAME)]
-            elif path.name == MANIFEST_NAME:
+            elif path.name.endswith(".json"):  # the manifest itself (any name)
                 places = [str(path)]
             else:  # a shard, a brace pattern or a glob: the directories of what it names
                 places = [str(Path(name).parent / MANIFEST_NAME) for name in expand_pattern(str(path))]

@@ -98,7 +98,7 @@ def test_url_specs_expand_braces_without_listing_and_find_their_manifest(tmp_pat
 
 
 # ---------------------------------------------------------------------------------------------------------- reading
-def test_http_and_pipe_shards_give_the_local_batches_with_counts_from_the_manifest(make_shards, serve):
+def test_http_and_pipe_shards_give_the_local_batches_with_counts_from_the_manifest(make_shards, serve, tmp_path):
     local = make_shards([8, 8, 8, 5])  # rank 0 holds shards 0 and 2 (16 samples), rank 1 shards 1 and 3 (13)
     directory = Path(local[0]).parent
     write_counts_manifest(directory, {Path(p).name: c for p, c in zip(local, [8, 8, 8, 5])})
@@ -125,9 +125,10 @@ def test_http_and_pipe_shards_give_the_local_batches_with_counts_from_the_manife
     write_counts_manifest(directory, {"train-000000.tar": 4, **{Path(p).name: 8 for p in local[1:]}})
     dm = attach(WebDataModule(specs["http"], val_shards=specs["http"], batch_size=4, num_workers=2, latent_scale=1))
     assert dm.train_dataloader().stream.quotas == dm.val_dataloader().stream.quotas == [1 + 2, 2 + 2]
-    named = attach(WebDataModule(specs["pipe"], manifest=str(directory / "manifest.json"), batch_size=4,
-                                 num_workers=0, latent_scale=1))  # fmt: skip
-    assert named.train_dataloader().stream.quotas == [1 + 2 + 2 + 2]
+    shutil.copy(directory / "manifest.json", tmp_path / "counts.json")  # data.manifest: anywhere, any name
+    for manifest in (str(tmp_path / "counts.json"), f"pipe:cat {tmp_path}/counts.json", f"{base}/manifest.json"):
+        named = attach(WebDataModule(specs["pipe"], manifest=manifest, batch_size=4, num_workers=0, latent_scale=1))
+        assert named.train_dataloader().stream.quotas == [1 + 2 + 2 + 2]
     os.remove(directory / "manifest.json")
     with pytest.raises(ValueError, match=rf"^data\.shards: 4 shard URL\(s\) have no sample count in a manifest "
                                          rf"\(first: {base}/train-000000\.tar; manifest looked for: {base}/manifest"
