@@ -98,7 +98,7 @@ class ZigMaDataModule(L.LightningDataModule):
         from datamodules.manifest import check_manifest, read_manifest
 
         try:
-            manifest = read_manifest(shards)
+            manifest = read_manifest(getattr(self, "manifest", None) or shards)  # data.manifest, else beside them
         except FileNotFoundError:
             return
         try:  # the same VAE may live elsewhere on this machine

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from datamodules.tars import open_shard, tar_samples
+from datamodules.tars import shard_samples
 from zigma.images import resize_center_crop
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -105,23 +105,23 @@ def folder_batches(files: Sequence[Path], resolution: int, batch_size: int) -> I
 
 def shard_images(shards: Sequence[str], image_key: str, resolution: int) -> Iterator[torch.Tensor]:
     """uint8 (3, S, S) images stored under suffix ``image_key`` (e.g. ``jpg``) in tar shards (webdataset layout:
-    member ``<key>.<suffix>``), in shard and member order. A shard that cannot be read raises; a member that does not
+    member ``<key>.<suffix>``), in shard and member order; shards may be URLs (``datamodules.tars``). A shard that
+    cannot be read raises (``ShardUnreachable``, a ``DataError``, when it delivers nothing); a member that does not
     decode raises with its name (reference statistics must not silently drop images)."""
     suffix = image_key.lstrip(".").lower()
     found = False
     for shard in shards:
-        with open_shard(shard) as stream:
-            for sample in tar_samples(shard, stream):
-                if suffix not in sample:
-                    continue
-                found = True
-                try:
-                    with Image.open(io.BytesIO(sample[suffix])) as image:
-                        image = resize_center_crop(image, resolution)
-                except Exception as err:
-                    raise ValueError(f"reference shards: {shard}:{sample['__key__']}.{suffix} is not a readable "
-                                     f"image: {err}") from err  # fmt: skip
-                yield to_uint8_tensor(image)
+        for sample in shard_samples(shard):
+            if suffix not in sample:
+                continue
+            found = True
+            try:
+                with Image.open(io.BytesIO(sample[suffix])) as image:
+                    image = resize_center_crop(image, resolution)
+            except Exception as err:
+                raise ValueError(f"reference shards: {shard}:{sample['__key__']}.{suffix} is not a readable "
+                                 f"image: {err}") from err  # fmt: skip
+            yield to_uint8_tensor(image)
     if not found:
         raise ValueError(f"reference shards {shards[0]}...: no member with suffix {'.' + suffix!r} (set the image key)")
 

@@ -11,6 +11,10 @@ latents, keep seeing the numbers they were trained on). A set value that disagre
 line. ``vae_scale`` states the VAE scale of the latents the module yields, for the model's check against
 ``model.vae_scale``. When the shards have a manifest, its per-shard counts are used as well.
 
+Shards may be local files or URLs (``pipe:`` commands, ``http(s)://``; ``datamodules.tars``), read the same way. The
+manifest is the one next to the shards (``datamodules.manifest.manifest_location``) or ``manifest``; shard URLs are
+counted from it only (reading them to count would download them), so without one they need ``epoch_length``.
+
 Batches (``datamodules.base``): latents ``{"x": (B, C, h, w) float32}``, video ``{"x": (B, T, C, h, w) float32}``,
 images ``{"pixels": (B, 3, H, W) float32 in [-1, 1]}`` and video frames ``{"pixels": (B, T, 3, H, W)}`` (the
 LightningModule encodes them with its frozen VAE, so the latent shape is unknown here: ``sample_shape`` is None and
@@ -73,11 +77,10 @@ from datamodules.images import batches_of
 from datamodules.manifest import read_manifest
 from datamodules.shards import (
     BadSampleBudget,
-    count_shard_samples,
     equal_batch_quotas,
     expand_shards,
-    manifest_counts,
     read_shards,
+    sample_counts,
     skip_bad_samples,
     split_shards,
     spread_batches,
@@ -95,8 +98,12 @@ class ShardDataModule(ZigMaDataModule):
     ``VideoWebDataModule``, which take their own arguments and forward these (``**loader_settings``).
 
     Args:
-        shards: training shards (anything ``expand_shards`` takes).
+        shards: training shards (anything ``expand_shards`` takes: local paths, patterns and directories, ``pipe:``
+            commands, ``http(s)://`` URLs).
         val_shards: validation shards; None: no validation data.
+        manifest: the shards' ``manifest.json`` (a path, directory or URL); None: the one next to the shards
+            (``datamodules.manifest.manifest_location``). It gives the sample counts (needed for shard URLs unless
+            ``epoch_length`` is set), the latent scale and the model check.
         latent_scale: raw shard latents are multiplied by it; None: the shards' manifest's scale, else upstream's
             ``SD_LATENT_SCALE`` (see the module docstring). 1.0 for latents stored already scaled.
         batch_size: samples per batch and process.
@@ -117,10 +124,11 @@ class ShardDataModule(ZigMaDataModule):
     latent_scale: float | None = None  # the factor raw latents are multiplied by (None: the data yields pixels)
 
     def __init__(self, shards: str | list[str], val_shards: str | list[str] | None = None, *,
-                 latent_scale: float | None = None, batch_size: int = 32, num_workers: int = 4,
-                 shuffle_buffer: int = 1000, seed: int = 0, resampled: bool = False, epoch_length: int | None = None,
-                 max_bad_samples: int = 100, keep_global_batch: bool = False, num_predict_samples: int = 16,
-                 predict_batch_size: int = 16, predict_seed: int = 0, predict_captions: str | None = None):  # fmt: skip
+                 manifest: str | None = None, latent_scale: float | None = None, batch_size: int = 32,
+                 num_workers: int = 4, shuffle_buffer: int = 1000, seed: int = 0, resampled: bool = False,
+                 epoch_length: int | None = None, max_bad_samples: int = 100, keep_global_batch: bool = False,
+                 num_predict_samples: int = 16, predict_batch_size: int = 16, predict_seed: int = 0,
+                 predict_captions: str | None = None):  # fmt: skip
         super().__init__(num_predict_samples, predict_batch_size, predict_seed, predict_captions)
         for name, value, low in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
                                  ("shuffle_buffer", shuffle_buffer, 0), ("seed", seed, 0),
@@ -139,6 +147,9 @@ class ShardDataModule(ZigMaDataModule):
             self.val_shards = expand_shards(val_shards) if val_shards is not None else None
         except ValueError as err:
             self.shards, self.val_shards, self.unavailable = [], None, err
+        self.manifest = manifest
+        if manifest is not None:
+            read_manifest(manifest)  # a named manifest must be there: one line naming it now, not at the first epoch
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.shuffle_buffer = shuffle_buffer
@@ -152,7 +163,7 @@ class ShardDataModule(ZigMaDataModule):
         if self.unavailable is not None:
             return  # no shapes (``decoder.shapes`` stays empty): predict only
         if self.decoder.kind in ("latent", "video"):
-            self.latent_scale, self.vae_scale = resolve_latent_scale(self.shards, latent_scale)
+            self.latent_scale, self.vae_scale = resolve_latent_scale(manifest or self.shards, latent_scale)
             self.decoder.latent_scale = self.latent_scale
         self.decoder.expect(self._probe(self.shards))
 
@@ -203,14 +214,11 @@ class ShardDataModule(ZigMaDataModule):
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
     def shard_counts(self, shards: Sequence[str]) -> list[int]:
-        """Samples per shard: from the shards' ``manifest.json`` where it lists them, else counted from the tar
-        headers (cached)."""
+        """Samples per shard: from the manifest where it lists them, else counted from the tar headers of local files
+        (cached; ``datamodules.shards.sample_counts``: a shard URL without a count is an error)."""
         missing = [p for p in shards if p not in self._counts]
         if missing:
-            self._counts.update(manifest_counts(missing))
-        for path in shards:
-            if path not in self._counts:
-                self._counts[path] = count_shard_samples(path)
+            self._counts.update(sample_counts(missing, self.manifest))
         return [self._counts[p] for p in shards]
 
     def make_stream(self, shards: Sequence[str], *, train: bool, rank: int, world_size: int,

@@ -234,8 +234,10 @@ class ZigMaCLI(LightningCLI):
 
 
 def root_cause(err: BaseException) -> BaseException:
-    """The first exception of a chain (``__cause__``, else ``__context__``): the one the failing code raised."""
-    while (err.__cause__ or err.__context__) is not None:
+    """The first exception of a chain (``__cause__``, else ``__context__``): the one the failing code raised; or the
+    first ``DataError``, whose message is already the line for people (an unreadable shard: not the tar error that
+    revealed it)."""
+    while not isinstance(err, DataError) and (err.__cause__ or err.__context__) is not None:
         err = err.__cause__ or err.__context__
     return err
 

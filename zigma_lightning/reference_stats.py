@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from datamodules.errors import DataError
 from datamodules.images import batches_of, folder_batches, list_images, shard_images
 from datamodules.shards import expand_shards
 from zigma.metrics.reference import compute_stats
@@ -36,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", help="folder of images (searched recursively)")
-    source.add_argument("--shards", help="webdataset tar shards: a brace pattern such as 'train-{000000..000099}.tar'")
+    source.add_argument("--shards", help="webdataset tar shards: a brace pattern such as 'train-{000000..000099}.tar', "
+                        "a pipe: command or an http(s):// URL")  # fmt: skip
     parser.add_argument("--image-key", default="jpg", help="with --shards: the images' suffix (default jpg)")
     parser.add_argument("--resolution", type=int, required=True, help="shorter side resized to this, centre crop")
     parser.add_argument("--count", type=int, required=True, help="number of images (the first, in natural order)")
@@ -98,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     gives 1 (argparse's usage errors exit with 2)."""
     try:
         reference_stats_from_argv(argv)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, DataError) as error:  # DataError: a shard that cannot be read
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -14,6 +14,7 @@ from typing import Any, get_args
 from datamodules.prepare.driver import prepare
 from datamodules.prepare.encoding import LatentMode, StoreDtype
 from datamodules.prepare.writing import ImageFormat, Options
+from datamodules.tars import is_url
 from zigma.vae import DEFAULT_VAE
 
 DESCRIPTION = (
@@ -88,7 +89,7 @@ def prepare_from_argv(argv: Sequence[str] | None = None) -> dict[str, Any]:
                            device=args.device)  # fmt: skip
     options = Options(
         kind=args.kind,
-        out=str(Path(args.out).expanduser().resolve()),
+        out=args.out if is_url(args.out) else str(Path(args.out).expanduser().resolve()),  # a URL is refused
         split=args.split,
         resolution=args.resolution,
         shard_size=args.shard_size,

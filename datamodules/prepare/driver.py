@@ -34,6 +34,7 @@ from datamodules.prepare.writing import (
     worker_context,
     write_shard,
 )
+from datamodules.tars import is_url
 from zigma.text_encoder import CLIPCaptionEncoder
 from zigma.vae import FrozenVAE
 
@@ -182,6 +183,9 @@ def _check_options(opts: Options, vae_kwargs: dict[str, Any] | None, workers: in
         raise ValueError(f"--latents {opts.latents!r}: must be one of {list(get_args(LatentMode))}")
     if opts.dtype not in get_args(StoreDtype):
         raise ValueError(f"--dtype {opts.dtype!r}: must be one of {list(get_args(StoreDtype))}")
+    if is_url(str(opts.out)):  # the shards are written (atomically) and checked on resume in a local directory
+        raise ValueError(f"--out {opts.out}: must be a local directory; upload it afterwards (e.g. aws s3 sync OUT "
+                         "s3://bucket/dir/) and train on the URLs")  # fmt: skip
     if not re.fullmatch(r"[A-Za-z0-9_]+", opts.split):
         raise ValueError(f"--split {opts.split!r}: use letters, digits and '_' (it starts every shard name)")
     for name, value, low in (("resolution", opts.resolution, 1), ("shard-size", opts.shard_size, 1),
