@@ -101,10 +101,8 @@ class ZigMaDataModule(L.LightningDataModule):
             manifest = read_manifest(getattr(self, "manifest", None) or shards)  # data.manifest, else beside them
         except FileNotFoundError:
             return
-        try:  # the same VAE may live elsewhere on this machine
-            check_manifest(manifest, **model_facts, ignore_vae_keys=("name_or_path", "subfolder"))
-        except ValueError as err:
-            raise ValueError(f"the model does not match the data's manifest: {err}") from err
+        # the same VAE may live elsewhere on this machine; check_manifest's message names the manifest already
+        check_manifest(manifest, **model_facts, ignore_vae_keys=("name_or_path", "subfolder"))
 
     def predict_captions_features(self) -> torch.Tensor | None:
         """Text data: the caption features of ``predict_captions`` (``zigma.conditions.load_caption_features``)."""
