@@ -132,6 +132,14 @@ class MambaMixer(nn.Module):
         x_dbl = F.linear(x, x_proj.weight)  # (B, L, R + 2N)
         dt, b, c = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.linear(dt, dt_proj.weight)  # (B, L, E); the bias goes into the scan's softplus
+        delta_bias, softplus = dt_proj.bias.float(), True
+        if x.device.type == "cpu" and not torch.compiler.is_compiling():
+            # Δ' = softplus(Δ + bias) once, here: the torch scan (the only CPU backend) would compute it in forward
+            # and again in backward, and CPU softplus is as slow as ~10 of the scan's block products. The same
+            # numbers (the scan adds and softplus-es in fp32 too; its backward applies softplus_backward alike).
+            # Eager only: compiled (aot_eager), the gradient's strides out of the scan op's permuted view differ
+            # from the traced ones and the linear's backward view fails (tests/zigma/test_compile.py).
+            delta, delta_bias, softplus = F.softplus(delta + delta_bias), None, False
         y = selective_scan(
             x.transpose(1, 2),
             delta.transpose(1, 2),
@@ -140,8 +148,8 @@ class MambaMixer(nn.Module):
             c.transpose(1, 2),
             d_skip.float(),
             z=z.transpose(1, 2),
-            delta_bias=dt_proj.bias.float(),
-            delta_softplus=True,
+            delta_bias=delta_bias,
+            delta_softplus=softplus,
             backend=self.scan_backend,
         )
         return y.transpose(1, 2)
