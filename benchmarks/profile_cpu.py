@@ -276,7 +276,7 @@ def run_worker(args, root: Path) -> dict:
 
 
 def compare(args) -> str:
-    trees = {"baseline": Path(args.baseline).resolve(), "this tree": THIS_ROOT}
+    trees = {"baseline": Path(args.baseline).resolve(), "this tree": Path(args.tree).resolve()}
     results = {name: [] for name in trees}
     for _ in range(args.rounds):  # interleaved, so slow phases of a shared machine hit both alike
         for name, root in trees.items():
@@ -285,7 +285,7 @@ def compare(args) -> str:
         f"# benchmarks/profile_cpu.py --baseline: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
         f"{os.cpu_count()} CPUs; quickstart model, batch {args.batch}, {args.steps} steps after {args.warmup} "
         f"warm-up, {args.rounds} interleaved rounds (medians; fresh process each)",
-        f"# baseline {trees['baseline']} vs this tree {THIS_ROOT} (commit {_git_commit()})",
+        f"# baseline {trees['baseline']} vs this tree {trees['this tree']} (commit {_git_commit()})",
         "",
         "| tree | steps/s (wall) | ms CPU / step (process) | runs steps/s |",
         "|---|---:|---:|---|",
@@ -311,6 +311,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=15, help="also list the N ops with the most self time")
     parser.add_argument("--baseline", help="a baseline tree (e.g. an export of main) to compare steps/s with")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--tree", default=str(THIS_ROOT), help="the tree compared with --baseline (default: this one)")
     parser.add_argument("--extra", action="append", default=[], help="one more CLI argument for the fit")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--code-root", default=str(THIS_ROOT), help=argparse.SUPPRESS)
