@@ -281,6 +281,9 @@ def compare(args) -> str:
     for _ in range(args.rounds):  # interleaved, so slow phases of a shared machine hit both alike
         for name, root in trees.items():
             results[name].append(run_worker(args, root))
+            run = results[name][-1]
+            rate, cpu_ms = run["steps"] / run["wall"], run["cpu"] / run["steps"] * 1e3
+            print(f"{name}: {rate:.2f} steps/s, {cpu_ms:.0f} ms CPU/step", file=sys.stderr, flush=True)
     lines = [
         f"# benchmarks/profile_cpu.py --baseline: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
         f"{os.cpu_count()} CPUs; quickstart model, batch {args.batch}, {args.steps} steps after {args.warmup} "
