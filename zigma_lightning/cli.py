@@ -177,8 +177,9 @@ class ZigMaCLI(LightningCLI):
             ]
 
     def instantiate_trainer(self, **kwargs):
-        """Adds the atomic checkpoint writer and, under SLURM, the auto-requeue environment to the plugins and
-        ``StepBoundaryRequeue`` to the callbacks (preemption checkpoints at a step boundary)."""
+        """Adds the atomic checkpoint writer and, under SLURM, the auto-requeue environment to the plugins,
+        ``StepBoundaryRequeue`` to the callbacks (preemption checkpoints at a step boundary) and, in place of
+        Lightning's default progress bar, :func:`console_callbacks`'s."""
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         configured = (config.get("trainer") or {}).get("plugins") or []
         plugins = list(configured) if isinstance(configured, list) else [configured]
@@ -188,6 +189,9 @@ class ZigMaCLI(LightningCLI):
         if SLURMEnvironment.detect() and not any(isinstance(p, ClusterEnvironment) for p in plugins):
             requeue = SLURMEnvironment(auto_requeue=True)
             plugins.append(requeue)
+        callbacks = console_callbacks(config.get("trainer") or {})
+        if callbacks is not None:
+            kwargs["callbacks"] = callbacks
         trainer = super().instantiate_trainer(plugins=plugins, **kwargs)
         if requeue is not None:
             trainer.callbacks.append(StepBoundaryRequeue(requeue.requeue_signal))
@@ -231,6 +235,24 @@ class ZigMaCLI(LightningCLI):
             if problem:
                 raise ConfigError(f"cannot write to {directory}: {problem}; set {setting} to a writable directory or "
                                   "fix its permissions")  # fmt: skip
+
+
+def console_callbacks(trainer_config: dict) -> list | None:
+    """The configured (instantiated) trainer callbacks plus, where Lightning would add its ``RichProgressBar``, a
+    :class:`~callbacks.console.StepLimitedRichProgressBar` ("Epoch 6", not "Epoch 6/-2", on step-limited runs).
+    None: nothing to add (no progress bar, one configured, or ``rich`` missing, where Lightning uses tqdm)."""
+    from lightning.pytorch.callbacks.progress import ProgressBar
+    from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
+
+    configured = trainer_config.get("callbacks") or []
+    configured = list(configured) if isinstance(configured, list) else [configured]
+    if trainer_config.get("enable_progress_bar") is False or not _RICH_AVAILABLE:
+        return None
+    if any(isinstance(cb, ProgressBar) for cb in configured):
+        return None
+    from callbacks.console import StepLimitedRichProgressBar
+
+    return [*configured, StepLimitedRichProgressBar()]
 
 
 def root_cause(err: BaseException) -> BaseException:
