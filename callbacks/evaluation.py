@@ -14,7 +14,13 @@ Protocol (reference ecosystem §2-3), and what it fixes in upstream ZigMa (refer
 - **Reals**: reference statistics computed once from real pixels (the DataModule's ``reference_pixels``, an image
   folder or image shards) and cached under ``reference_cache_dir`` keyed by (dataset, resolution, count, extractor,
   resize); later runs load them, a changed key recomputes, and a reference ``.npz`` for another resolution or
-  extractor is refused. Upstream recomputed reals from its unshuffled training stream at every evaluation.
+  extractor is refused. Upstream recomputed reals from its unshuffled training stream at every evaluation. Under DDP
+  every rank extracts the features of a disjoint share of the reals (real i goes to rank i mod W; an image folder is
+  split before decoding, a DataModule's pixels or image shards are read by every rank) and the float64 sums are added
+  over the ranks (``zigma.metrics.reference``): the single-process statistics, without ranks idling at a barrier for
+  the whole computation (a 50k reference on one rank could pass the 30-minute NCCL timeout). Rank 0 writes the cache.
+- **Progress**: rank 0 shows tqdm bars for the reference statistics and the fakes, on a terminal only (``progress``),
+  and none when the Trainer's progress bar is off.
 - **Failures raise**: a non-finite sample stops the evaluation with an error (upstream replaced failed samples with
   ``torch.rand_like`` images and reported the resulting FID).
 
@@ -44,7 +50,8 @@ from zigma.conditions import class_labels
 from zigma.metrics.frechet import GaussianStats
 from zigma.metrics.i3d import i3d_file, load_i3d, to_i3d_layout
 from zigma.metrics.inception import inception_weights, load_inception, to_uint8
-from zigma.metrics.reference import load_reference, reference_stats
+from zigma.metrics.progress import progress_bar
+from zigma.metrics.reference import Images, load_reference, reference_stats
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +112,9 @@ class FrechetSettings:
         reference_key: the image suffix in reference shards (e.g. ``jpg``, ``png``).
         reference_count: real samples in the statistics; None = ``num_samples``.
         reference_cache_dir: where computed reference statistics are cached (reused by later runs).
-        reference_batch_size: images per Inception/I3D batch while computing reference statistics.
+        reference_batch_size: images per Inception/I3D batch and rank while computing reference statistics.
+        progress: rank 0's progress bars (reference statistics, fakes): None: on a terminal, when the Trainer shows
+            its progress bar; True: always (also into a log file); False: never.
     """
 
     kind: ClassVar[str] = "frechet"  # the config group (``fid``, ``fvd``) named in errors and tags
@@ -122,6 +131,7 @@ class FrechetSettings:
     reference_count: int | None = None
     reference_cache_dir: str = DEFAULT_CACHE
     reference_batch_size: int = 50
+    progress: bool | None = None
 
     def __post_init__(self) -> None:
         field = self.kind
@@ -209,42 +219,62 @@ class FrechetEvaluation(FrechetSettings, L.Callback):
         return (vae.in_channels, m.img_dim * vae.downsample_factor, m.img_dim * vae.downsample_factor)
 
     def _prepare_references(self, trainer: L.Trainer) -> None:
-        """Rank 0 loads or computes (and caches) the real statistics and puts them into its metrics; the others hold
-        zero real sums, so the sums over ranks are exactly the reference's."""
-        if trainer.global_rank == 0:
-            for item in self.metrics:
-                item.metric.to(trainer.strategy.root_device)  # a cache miss runs the extractor on the GPU
-                load_real_statistics(item.metric, self._reference_stats(trainer, item))
+        """Loads or computes (all ranks together, see the module docstring) and caches the real statistics; rank 0
+        puts them into its metrics, the others hold zero real sums, so the sums over ranks are exactly the
+        reference's."""
+        for item in self.metrics:
+            item.metric.to(trainer.strategy.root_device)  # a cache miss runs the extractor on the GPU
+            stats = self._reference_stats(trainer, item)
+            if trainer.global_rank == 0:
+                load_real_statistics(item.metric, stats)
         trainer.strategy.barrier("zigma_reference_statistics")
 
-    def _reference_stats(self, trainer: L.Trainer, item: _Frechet) -> GaussianStats:
+    def _show_progress(self, trainer: L.Trainer) -> bool | None:
+        """``progress`` for ``zigma.metrics.progress.progress_bar``: unset, no bar when the Trainer shows none."""
+        if self.progress is None and trainer.progress_bar_callback is None:
+            return False
+        return self.progress
+
+    def _reference_stats(self, trainer: L.Trainer, item: _Frechet) -> GaussianStats | None:
+        """The real statistics on rank 0 (None on the others); every rank must call it (a collective under DDP)."""
         source = self.reference
         if source is not None and source.endswith(".npz"):
-            return self._reference_file(item)
+            return self._reference_file(item) if trainer.global_rank == 0 else None
         cache_dir = Path(self.reference_cache_dir).expanduser()
         return reference_stats(self._real_inputs(trainer, item), extractor=item.extractor, key=item.key,
-                               cache_dir=cache_dir)  # fmt: skip
+                               cache_dir=cache_dir, progress=self._show_progress(trainer),
+                               desc=f"{item.name} reference")  # fmt: skip
 
     def _reference_file(self, item: _Frechet) -> GaussianStats:
         expect = {k: item.key[k] for k in ("resolution", "extractor", "antialias")}
         return load_reference(self.reference, expect=expect)
 
-    def _real_inputs(self, trainer: L.Trainer, item: _Frechet) -> Iterator[Tensor]:
-        """The extractor's uint8 inputs of the real set (only read when the cache misses)."""
-        size, batch = item.key["resolution"], self.reference_batch_size
-        source = self.reference
+    def _real_inputs(self, trainer: L.Trainer, item: _Frechet) -> Images:
+        """The extractor's uint8 inputs of the real set, for ``reference_stats`` (only read when the cache misses):
+        a stream every rank reads (batches of ``reference_batch_size`` per rank, so each rank's share of one is
+        about that size), or for an image folder a function of (rank, world size) that decodes that rank's files
+        only."""
+        size, source = item.key["resolution"], self.reference
+        batch, world = self.reference_batch_size, trainer.world_size
         if source is None:
-            for pixels in trainer.datamodule.reference_pixels(batch):
-                if tuple(pixels.shape[-2:]) != (size, size):
-                    raise ValueError(
-                        f"{self.kind}: the data's real pixels are {tuple(pixels.shape[-2:])}, the samples "
-                        f"{size}x{size}; give {self.kind}.reference (folders and shards are resized to the samples)"
-                    )
-                yield item.to_input(pixels)
-        elif ".tar" in source:
-            yield from batches_of(shard_images(expand_shards(source), self.reference_key, size), batch)
-        else:
-            yield from folder_batches(list_images(source), size, batch)
+            return self._datamodule_inputs(trainer, item, batch * world)
+        if ".tar" in source:
+            return self._shard_inputs(size, batch * world)
+        count = item.key["count"]
+        return lambda rank, world_size: folder_batches(list_images(source)[:count][rank::world_size], size, batch)
+
+    def _shard_inputs(self, size: int, batch: int) -> Iterator[Tensor]:
+        yield from batches_of(shard_images(expand_shards(self.reference), self.reference_key, size), batch)
+
+    def _datamodule_inputs(self, trainer: L.Trainer, item: _Frechet, batch: int) -> Iterator[Tensor]:
+        size = item.key["resolution"]
+        for pixels in trainer.datamodule.reference_pixels(batch):
+            if tuple(pixels.shape[-2:]) != (size, size):
+                raise ValueError(
+                    f"{self.kind}: the data's real pixels are {tuple(pixels.shape[-2:])}, the samples "
+                    f"{size}x{size}; give {self.kind}.reference (folders and shards are resized to the samples)"
+                )
+            yield item.to_input(pixels)
 
     # ------------------------------------------------------------------------------------------------- evaluation
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
@@ -311,11 +341,14 @@ class FrechetEvaluation(FrechetSettings, L.Callback):
         rank, world = trainer.global_rank, trainer.world_size
         mine = torch.arange(rank, self.num_samples, world)
         nfe = 0
-        for chunk in mine.split(self.batch_size):
-            pixels, chunk_nfe = self.generate(trainer, pl_module, chunk)
-            nfe = max(nfe, chunk_nfe)
-            for item in self.metrics:
-                item.metric.update(item.to_input(pixels).to(pl_module.device), real=False)
+        with progress_bar(len(mine), f"{stage} {self.kind} samples", unit="sample", rank=rank,
+                          enabled=self._show_progress(trainer)) as bar:  # fmt: skip
+            for chunk in mine.split(self.batch_size):
+                pixels, chunk_nfe = self.generate(trainer, pl_module, chunk)
+                nfe = max(nfe, chunk_nfe)
+                for item in self.metrics:
+                    item.metric.update(item.to_input(pixels).to(pl_module.device), real=False)
+                bar.update(len(chunk))
         counted = {item.name: int(item.metric.fake_features_num_samples.item()) for item in self.metrics}
         values = {item.name: float(item.metric.compute()) for item in self.metrics}  # a collective: every rank
         prefix = f"{stage}/"

@@ -13,9 +13,10 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from PIL import Image
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import make_grid
 
 from zigma.conditions import class_labels
+from zigma.sample_store import SAMPLES_NAME, SampleStore, to_uint8_hwc
 
 log = logging.getLogger(__name__)
 
@@ -235,55 +236,39 @@ class SampleGridLogger(L.Callback):
 
 
 class SampleWriter(BasePredictionWriter):
-    """Writes each predicted sample as ``<output_dir>/<index:06d>.png`` and, at the end, ``grid.png`` (and with
-    ``save_npz`` a ``samples.npz`` of uint8 HWC images, the format external FID evaluators read; under DDP each rank
-    writes ``grid_rank<r>.png`` and ``samples_rank<r>.npz`` of its own samples, with their indices)."""
+    """Writes each predicted batch as it is made (``zigma.sample_store.SampleStore`` in ``output_dir``): one PNG per
+    sample, ``<index:06d>.png`` (video: ``<index:06d>_<frame:03d>.png``), and a uint8 shard ``shards/<first>.npz``.
+    At the end (under DDP: rank 0, once every rank is done) ``grid.png`` of the samples 0 .. 63 and, with
+    ``save_npz``, ``samples.npz``: ``arr_0`` uint8 (N, H, W, C) of every sample in index order, the format external
+    FID evaluators read, assembled from the shards without holding them in memory. Memory does not grow with N.
+    A new predict run replaces the shards of an earlier one in the same directory."""
 
-    def __init__(self, output_dir: str = "samples", grid: bool = True, save_npz: bool = False):
+    def __init__(self, output_dir: str = "samples", grid: bool = True, save_npz: bool = False, png: bool = True):
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir)
         self.grid = grid
         self.save_npz = save_npz
-        self._kept: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.png = png
+        self._store: SampleStore | None = None
 
     def on_predict_start(self, trainer, pl_module) -> None:
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        self._kept = []
+        self._store = SampleStore(self.output_dir, png=self.png)
+        if trainer.is_global_zero:
+            self._store.clear()
+            (self.output_dir / SAMPLES_NAME).unlink(missing_ok=True)
+        trainer.strategy.barrier("SampleWriter.on_predict_start")
 
     def write_on_batch_end(
         self, trainer, pl_module, prediction: Any, batch_indices, batch, batch_idx, dataloader_idx=0
     ):
-        samples = prediction["samples"]
-        for index, sample in zip(prediction["index"].tolist(), samples):
-            frames = sample if sample.dim() == 4 else sample.unsqueeze(0)
-            for t, frame in enumerate(frames):
-                suffix = f"_{t:03d}" if sample.dim() == 4 else ""
-                save_image(to_unit_range(frame), self.output_dir / f"{index:06d}{suffix}.png")
-        self._kept.append((prediction["index"], samples))
+        self._store.write(prediction["index"], to_uint8_hwc(prediction["samples"]))
 
     def on_predict_end(self, trainer, pl_module) -> None:
-        if not self._kept:
+        trainer.strategy.barrier("SampleWriter.on_predict_end")
+        if not trainer.is_global_zero:
             return
-        indices = torch.cat([i for i, _ in self._kept])
-        samples = torch.cat([s for _, s in self._kept])[indices.argsort()]
         if self.grid:
-            save_image(image_grid(samples), self.output_dir / f"grid_rank{trainer.global_rank}.png"
-                       if trainer.world_size > 1 else self.output_dir / "grid.png")  # fmt: skip
+            self._store.write_grid()
         if self.save_npz:
-            name = f"samples_rank{trainer.global_rank}.npz" if trainer.world_size > 1 else "samples.npz"
-            write_npz(self.output_dir / name, samples, indices.sort().values)
-        log.info("wrote %d samples to %s", len(samples), self.output_dir)
-
-
-def write_npz(path: Path, samples: torch.Tensor, indices: torch.Tensor) -> None:
-    """Writes ``arr_0``: uint8 (N, H, W, C) images or (N, T, H, W, C) clips, round((x + 1) * 127.5) of samples in
-    [-1, 1] (the layout ADM's evaluator and clean-fid read), and ``index``: (N,) their global sample indices.
-    Written atomically (``zigma.files.atomic_write``), so an interrupted run never leaves a truncated ``.npz``."""
-    import numpy as np
-
-    from zigma.files import atomic_write
-    from zigma.metrics.inception import to_uint8
-
-    images = to_uint8(samples).movedim(-3, -1).numpy()  # (..., H, W, C)
-    with atomic_write(path) as f:
-        np.savez(f, arr_0=images, index=indices.numpy())
+            self._store.assemble()
+        log.info("wrote the samples to %s", self.output_dir)

@@ -15,19 +15,22 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from zigma.conditions import class_labels
+from zigma.conditions import class_labels, load_caption_features
 
 
 class SampleRequests(Dataset):
-    """``count`` sample requests; class-conditional data draws a label per sample from ``seed``."""
+    """``count`` sample requests; class-conditional data draws a label per sample from ``seed``; text data gives
+    sample i the caption features ``captions[i % K]`` of ``captions`` (K, N, d)."""
 
-    def __init__(self, count: int, num_classes: int = 0, seed: int = 0):
+    def __init__(self, count: int, num_classes: int = 0, seed: int = 0, captions: torch.Tensor | None = None):
         if count < 1:
             raise ValueError(f"num_predict_samples must be >= 1; got {count}")
         self.count = count
         self.labels = None
         if num_classes > 0:
             self.labels = class_labels(num_classes, count, seed)
+        elif captions is not None:
+            self.labels = captions[torch.arange(count) % len(captions)]
 
     def __len__(self) -> int:
         return self.count
@@ -66,7 +69,8 @@ class ZigMaDataModule(L.LightningDataModule):
     context_dim: int = 0  # > 0: captions (B, N, context_dim)
     vae_scale: float | None = None  # the VAE scale of yielded latents, where known
 
-    def __init__(self, num_predict_samples: int = 16, predict_batch_size: int = 16, predict_seed: int = 0):
+    def __init__(self, num_predict_samples: int = 16, predict_batch_size: int = 16, predict_seed: int = 0,
+                 predict_captions: str | None = None):  # fmt: skip
         super().__init__()
         for name, value in (("num_predict_samples", num_predict_samples), ("predict_batch_size", predict_batch_size)):
             if value < 1:  # checked here, before any checkpoint or data is loaded
@@ -74,9 +78,11 @@ class ZigMaDataModule(L.LightningDataModule):
         self.num_predict_samples = num_predict_samples
         self.predict_batch_size = predict_batch_size
         self.predict_seed = predict_seed
+        self.predict_captions = predict_captions  # caption features (K, N, d) of a text model's predict requests
 
-    def yields(self) -> DataYields:
-        """What the training batches hold (see :class:`DataYields`)."""
+    def yields(self, stage: str | None = None) -> DataYields:
+        """What the training batches hold (see :class:`DataYields`); ``stage`` (``"predict"``, ...): what the run
+        uses the data for (a DataModule without its files can still state what predict needs)."""
         pixel_shape = getattr(self, "pixel_shape", None)
         return DataYields(type(self).__name__, tuple(self.sample_shape or ()),
                           tuple(pixel_shape) if pixel_shape is not None else None, self.num_classes,
@@ -92,16 +98,29 @@ class ZigMaDataModule(L.LightningDataModule):
         from datamodules.manifest import check_manifest, read_manifest
 
         try:
-            manifest = read_manifest(shards)
+            manifest = read_manifest(getattr(self, "manifest", None) or shards)  # data.manifest, else beside them
         except FileNotFoundError:
             return
-        try:  # the same VAE may live elsewhere on this machine
-            check_manifest(manifest, **model_facts, ignore_vae_keys=("name_or_path", "subfolder"))
-        except ValueError as err:
-            raise ValueError(f"the model does not match the data's manifest: {err}") from err
+        # the same VAE may live elsewhere on this machine; check_manifest's message names the manifest already
+        check_manifest(manifest, **model_facts, ignore_vae_keys=("name_or_path", "subfolder"))
+
+    def predict_captions_features(self) -> torch.Tensor | None:
+        """Text data: the caption features of ``predict_captions`` (``zigma.conditions.load_caption_features``)."""
+        if self.context_dim <= 0:
+            if self.predict_captions is not None:
+                raise ValueError(f"data.predict_captions is set but {type(self).__name__} has no captions")
+            return None
+        if self.predict_captions is None:
+            raise ValueError(f"a text model predicts from caption features: set data.predict_captions to a .npy/.npz/"
+                             f".pt file of shape (K, N, {self.context_dim}); sample i uses caption i % K")  # fmt: skip
+        try:
+            return load_caption_features(self.predict_captions, self.context_dim)
+        except (FileNotFoundError, ValueError) as err:
+            raise ValueError(f"data.predict_captions: {err}") from err
 
     def predict_dataloader(self) -> DataLoader:
-        requests = SampleRequests(self.num_predict_samples, self.num_classes, self.predict_seed)
+        requests = SampleRequests(self.num_predict_samples, self.num_classes, self.predict_seed,
+                                  self.predict_captions_features())  # fmt: skip
         return DataLoader(requests, batch_size=self.predict_batch_size, shuffle=False)
 
     def test_dataloader(self):

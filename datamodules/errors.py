@@ -20,4 +20,10 @@ class BadSampleBudgetExceeded(DataError):
     """
 
 
-__all__ = ["BadSampleBudgetExceeded", "DataError"]
+class ResumeSettingsError(DataError, ValueError):
+    """Data settings that cannot continue a checkpoint's training as asked (``data.keep_global_batch`` with a process
+    count and batch size whose product divides no whole number of the checkpoint's global batch). Raised when the
+    resumed fit builds its training loader, before any step; a ``ValueError`` too, as other bad settings."""
+
+
+__all__ = ["BadSampleBudgetExceeded", "DataError", "ResumeSettingsError"]

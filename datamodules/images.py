@@ -8,7 +8,7 @@ import io
 import itertools
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from datamodules.tars import open_shard, tar_samples
+from datamodules.tars import shard_samples
 from zigma.images import resize_center_crop
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -34,11 +34,20 @@ def is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
-def _image_folders(folder: Path) -> Iterator[tuple[Path, list[Path]]]:
-    """(directory, the images directly in it) for ``folder`` and every folder below it; hidden folders skipped."""
+def _image_folders(folder: Path, accept: Callable[[Path], bool] = is_image) -> Iterator[tuple[Path, list[Path]]]:
+    """(directory, the files directly in it that ``accept`` takes: images) for ``folder`` and every folder below it;
+    hidden folders skipped."""
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        yield Path(root), [Path(root) / f for f in files if is_image(Path(root) / f)]
+        yield Path(root), [Path(root) / f for f in files if accept(Path(root) / f)]
+
+
+def files_under(folder: str | os.PathLike, accept: Callable[[Path], bool]) -> list[Path]:
+    """The files under ``folder`` (recursive, hidden folders skipped) that ``accept`` takes, in natural order of
+    their path relative to ``folder``."""
+    folder = Path(folder)
+    files = [f for _, found in _image_folders(folder, accept) for f in found]
+    return sorted(files, key=lambda p: natural_key(p.relative_to(folder).as_posix()))
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
@@ -50,8 +59,7 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"--images: {folder} is not a directory")
-    files = [image for _, images in _image_folders(folder) for image in images]
-    return sorted(files, key=lambda p: natural_key(p.relative_to(folder).as_posix()))
+    return files_under(folder, is_image)
 
 
 def frame_folders(folder: str | os.PathLike) -> list[Path]:
@@ -97,23 +105,23 @@ def folder_batches(files: Sequence[Path], resolution: int, batch_size: int) -> I
 
 def shard_images(shards: Sequence[str], image_key: str, resolution: int) -> Iterator[torch.Tensor]:
     """uint8 (3, S, S) images stored under suffix ``image_key`` (e.g. ``jpg``) in tar shards (webdataset layout:
-    member ``<key>.<suffix>``), in shard and member order. A shard that cannot be read raises; a member that does not
+    member ``<key>.<suffix>``), in shard and member order; shards may be URLs (``datamodules.tars``). A shard that
+    cannot be read raises (``ShardUnreachable``, a ``DataError``, when it delivers nothing); a member that does not
     decode raises with its name (reference statistics must not silently drop images)."""
     suffix = image_key.lstrip(".").lower()
     found = False
     for shard in shards:
-        with open_shard(shard) as stream:
-            for sample in tar_samples(shard, stream):
-                if suffix not in sample:
-                    continue
-                found = True
-                try:
-                    with Image.open(io.BytesIO(sample[suffix])) as image:
-                        image = resize_center_crop(image, resolution)
-                except Exception as err:
-                    raise ValueError(f"reference shards: {shard}:{sample['__key__']}.{suffix} is not a readable "
-                                     f"image: {err}") from err  # fmt: skip
-                yield to_uint8_tensor(image)
+        for sample in shard_samples(shard):
+            if suffix not in sample:
+                continue
+            found = True
+            try:
+                with Image.open(io.BytesIO(sample[suffix])) as image:
+                    image = resize_center_crop(image, resolution)
+            except Exception as err:
+                raise ValueError(f"reference shards: {shard}:{sample['__key__']}.{suffix} is not a readable "
+                                 f"image: {err}") from err  # fmt: skip
+            yield to_uint8_tensor(image)
     if not found:
         raise ValueError(f"reference shards {shards[0]}...: no member with suffix {'.' + suffix!r} (set the image key)")
 
@@ -121,6 +129,7 @@ def shard_images(shards: Sequence[str], image_key: str, resolution: int) -> Iter
 __all__ = [
     "IMAGE_EXTENSIONS",
     "batches_of",
+    "files_under",
     "folder_batches",
     "frame_files",
     "frame_folders",

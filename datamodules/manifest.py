@@ -35,11 +35,21 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from datamodules.tars import expand_pattern, spec_parts
+from datamodules.tars import (
+    check_url,
+    expand_pattern,
+    failure_reason,
+    is_url,
+    local_path,
+    open_shard,
+    shard_file_name,
+    spec_parts,
+)
 from zigma.files import atomic_write
 from zigma.vae import same_setting
 
@@ -173,52 +183,112 @@ def settings_of(manifest: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in manifest.items() if k != "splits"}
 
 
-def _manifest_dirs(dir_or_shards: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
-    """The directories that hold the shards (or are) named by ``dir_or_shards``, in first-seen order."""
-    dirs: list[Path] = []
+def manifest_location(shard: str) -> str | None:
+    """Where the manifest of ``shard`` is: ``manifest.json`` in place of the shard's file name, in the same directory,
+    URL or command (``https://h/d/train-000003.tar`` -> ``https://h/d/manifest.json``, ``pipe:aws s3 cp
+    s3://b/d/train-000003.tar -`` -> ``pipe:aws s3 cp s3://b/d/manifest.json -``). A URL's query is dropped (a
+    signed URL is signed for the shard alone: name the manifest with ``data.manifest``). None: a ``pipe:`` command
+    that names no ``.tar`` file, so no place can be derived."""
+    name = shard_file_name(shard)
+    if name is None:
+        return None
+    if shard.startswith("pipe:"):
+        words = shard[5:].split()
+        at = max(i for i, w in enumerate(words) if name in w)
+        head, _, tail = words[at].rpartition(name)
+        words[at] = head + MANIFEST_NAME + tail.split("?")[0].split("#")[0]
+        return "pipe:" + " ".join(words)
+    if is_url(shard):
+        base = shard.split("?")[0].split("#")[0]
+        return base[: base.rindex(name)] + MANIFEST_NAME
+    return os.path.join(os.path.dirname(local_path(shard)), MANIFEST_NAME)
+
+
+def _names_json(url: str) -> bool:
+    """Whether the URL names a ``.json`` file (a manifest itself) rather than a shard: its file name, or for a
+    ``pipe:`` command that names no ``.tar`` file, one of its words."""
+    if url.startswith("pipe:") and shard_file_name(url) is None:
+        return any(re.search(r"\.json($|[?#])", w.strip("'\"")) for w in url[5:].split())
+    return (shard_file_name(url) or "").endswith(".json")
+
+
+def _manifest_locations(dir_or_shards: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """The manifests of the shards (or directories, or manifests) named by ``dir_or_shards``, in first-seen order:
+    local ``manifest.json`` paths or URLs."""
+    found: list[str] = []
     for spec in spec_parts(dir_or_shards):
-        path = Path(spec).expanduser()
-        if path.is_dir():
-            found = [path]
-        elif path.name == MANIFEST_NAME:
-            found = [path.parent]
-        else:  # a shard, a brace pattern or a glob: the directories of what it names
-            found = [Path(name).parent for name in expand_pattern(str(path))]
-        for d in found:
-            if d not in dirs:
-                dirs.append(d)
-    if not dirs:
+        if is_url(spec):
+            check_url(spec, "manifest")
+            names = expand_pattern(spec)
+            places = [n if _names_json(n) else manifest_location(n) for n in names]
+            if None in places:
+                raise FileNotFoundError(f"read_manifest: cannot tell where the manifest of {names[places.index(None)]}"
+                                        " is (its command names no .tar file); set data.manifest")  # fmt: skip
+        else:
+            path = Path(local_path(spec)).expanduser()
+            if path.is_dir():
+                places = [str(path / MANIFEST_NAME)]
+            elif path.name.endswith(".json"):  # the manifest itself (any name)
+                places = [str(path)]
+            else:  # a shard, a brace pattern or a glob: the directories of what it names
+                places = [str(Path(name).parent / MANIFEST_NAME) for name in expand_pattern(str(path))]
+        found.extend(p for p in places if p not in found)
+    if not found:
         raise ValueError(f"read_manifest: {dir_or_shards!r} names no directory or shard")
-    return dirs
+    return found
+
+
+def load_manifest(location: str | os.PathLike, source: object = None) -> dict[str, Any]:
+    """The validated manifest at ``location``: a local ``manifest.json`` path or a URL (read with
+    ``webdataset.gopen``: ``pipe:``, ``http(s)://``, ...).
+
+    Raises:
+        FileNotFoundError: there is no manifest there (or the URL cannot be read): one line naming it.
+        ValueError: it is not valid JSON or not a valid manifest.
+    """
+    location = str(location)
+    source = f" (from {source!r})" if source is not None and str(source) != location else ""
+    if is_url(location):
+        raw, failure = None, None
+        try:
+            raw = open_shard(location)
+            with raw:
+                text = raw.read()
+        except OSError as err:
+            failure = f"read_manifest: cannot read {location}{source}: {failure_reason(location, raw, err)}"
+        if failure is not None:  # raised outside the handler: the message is the whole story (no chained curl error)
+            raise FileNotFoundError(failure)
+    else:
+        if not os.path.isfile(location):
+            raise FileNotFoundError(
+                f"read_manifest: no {MANIFEST_NAME} in {os.path.dirname(location) or '.'}{source}; shards written by "
+                "`python -m datamodules.prepare` have one next to them; other shards cannot be checked this way"
+            )
+        with open(location, "rb") as f:
+            text = f.read()
+    try:
+        manifest = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"read_manifest: {location} is not valid JSON: {err}") from err
+    validate_manifest(manifest, location)
+    return manifest
 
 
 def read_manifest(dir_or_shards: str | os.PathLike | Sequence[str | os.PathLike]) -> dict[str, Any]:
     """The validated manifest of a shard directory, found from the directory, the shards or ``manifest.json``.
 
     Args:
-        dir_or_shards: a directory, a ``manifest.json`` path, a shard path, a brace pattern or glob of shards, a
-            comma/space-separated string or a list of these (anything ``WebDataModule(shards=...)`` takes).
-            Shards in several directories need a manifest in each, with the same settings; the first is returned.
+        dir_or_shards: a directory, a ``manifest.json`` path or URL, a shard path or URL, a brace pattern or glob of
+            shards, a comma/space-separated string or a list of these (anything ``WebDataModule(shards=...)``
+            takes). A shard's manifest is ``manifest.json`` next to it (:func:`manifest_location`). Shards in
+            several directories need a manifest in each, with the same settings; the first is returned.
 
     Raises:
-        FileNotFoundError: a directory holds no ``manifest.json`` (shards not written by ``datamodules.prepare``).
+        FileNotFoundError: a directory holds no ``manifest.json`` (shards not written by ``datamodules.prepare``), or
+            a manifest URL cannot be read.
         ValueError: a manifest is invalid, or the directories' manifests disagree on a setting.
     """
-    manifests = []
-    for directory in _manifest_dirs(dir_or_shards):
-        path = directory / MANIFEST_NAME
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"read_manifest: no {MANIFEST_NAME} in {directory} (from {dir_or_shards!r}); shards written by "
-                "`python -m datamodules.prepare` have one next to them; other shards cannot be checked this way"
-            )
-        with open(path, encoding="utf-8") as f:
-            try:
-                manifest = json.load(f)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"read_manifest: {path} is not valid JSON: {err}") from err
-        validate_manifest(manifest, str(path))
-        manifests.append((path, manifest))
+    manifests = [(place, load_manifest(place, dir_or_shards)) for place in _manifest_locations(dir_or_shards)]
     first_path, first = manifests[0]
     for path, other in manifests[1:]:
         diffs = diff_settings(settings_of(first), settings_of(other))
@@ -307,6 +377,8 @@ __all__ = [
     "check_manifest",
     "diff_settings",
     "latent_keys",
+    "load_manifest",
+    "manifest_location",
     "prepared_settings",
     "read_manifest",
     "settings_of",

@@ -2,15 +2,16 @@
 
 Stages, in the order ``datamodules.webdataset`` chains them inside one DataLoader worker:
 
-1. ``expand_shards``: a user's shard spec (brace pattern, list, comma/space-separated string, directory) -> sorted
-   paths.
+1. ``expand_shards``: a user's shard spec (brace pattern, list, comma/space-separated string, directory, URLs:
+   ``pipe:`` commands, ``http(s)://``) -> sorted shard names (local paths or URLs, ``datamodules.tars``).
 2. ``split_shards``: the fixed, disjoint part of the list one (rank, worker) reads. Node split first, then worker split
    (webdataset's ``split_by_node`` then ``split_by_worker``), so every rank gets a shard as soon as there are at least
    as many shards as ranks.
 3. ``shuffle_shards``: that part in a new order every epoch, a function of (seed, epoch, pass) only; or, in resampled
    mode, ``resample_shards``: an endless draw with replacement from all shards.
-4. ``read_shards``: raw samples ``{"__key__", "__url__", <suffix>: bytes}``; a tar that cannot be read (missing,
-   truncated) is charged to a ``BadSampleBudget`` and the next shard is read.
+4. ``read_shards``: raw samples ``{"__key__", "__url__", <suffix>: bytes}``; a damaged tar (truncated, cut short) is
+   charged to a ``BadSampleBudget`` and the next shard is read; a shard that cannot be read at all (missing file,
+   HTTP error, failing command) raises ``ShardUnreachable`` (one line).
 5. ``shuffle_buffer``: a seeded sample shuffle over raw (still encoded, so small) samples.
 6. ``skip_bad_samples``: decode each sample; failures are charged to the same budget.
 7. ``batched`` + ``collate_samples``: full batches only.
@@ -37,8 +38,18 @@ import torch
 from webdataset.tariterators import base_plus_ext
 
 from datamodules.errors import BadSampleBudgetExceeded
-from datamodules.manifest import read_manifest
-from datamodules.tars import expand_pattern, open_shard, spec_parts, tar_samples
+from datamodules.manifest import MANIFEST_NAME, load_manifest, manifest_location
+from datamodules.tars import (
+    ShardUnreachable,
+    check_url,
+    expand_pattern,
+    is_url,
+    local_path,
+    reading_shard,
+    shard_file_name,
+    spec_parts,
+    tar_samples,
+)
 
 log = logging.getLogger("zigma.data")
 
@@ -47,28 +58,36 @@ _META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members (``__key_
 
 # ---------------------------------------------------------------------------------------------------------- shard lists
 def expand_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
-    """Sorted, de-duplicated shard paths named by ``spec``.
+    """Sorted, de-duplicated shard names (local paths or URLs) named by ``spec``.
 
     Args:
         spec: a brace pattern (``/data/train-{000000..000099}.tar``), a glob (``/data/train-*.tar``), a directory (all
-            its ``*.tar``), a comma/space-separated string of any of these, or a list of them.
+            its ``*.tar``), a URL or brace pattern of URLs (``https://host/train-{000000..000099}.tar``,
+            ``pipe:aws s3 cp s3://bucket/train-{000000..000099}.tar -``), a comma/space-separated string of any of
+            these (``pipe:`` commands: joined by ``::``), or a list of them.
+
+    Local files must exist; URLs are not checked here (they cannot be listed, and a check would read each one): one
+    that cannot be read fails when it is opened, with one line naming it (``datamodules.tars.ShardUnreachable``).
 
     Raises:
-        ValueError: ``spec`` is empty, or a pattern, glob or directory in it matches no existing file (the message
-            names that part of ``spec``).
+        ValueError: ``spec`` is empty, a URL has a scheme webdataset cannot open, or a local pattern, glob or
+            directory in it matches no existing file (the message names that part of ``spec``).
     """
     parts = spec_parts(spec)
     if not parts:
         raise ValueError(f"shards={spec!r}: no shard given; pass a brace pattern, a list of .tar files or a directory")
     paths: set[str] = set()
     for part in parts:
-        if os.path.isdir(part):
-            found = glob.glob(os.path.join(part, "*.tar"))
+        if is_url(part):
+            check_url(part, f"shards={spec!r}")
+            found = expand_pattern(part)
+        elif os.path.isdir(local_path(part)):
+            found = glob.glob(os.path.join(local_path(part), "*.tar"))
             if not found:
                 raise ValueError(f"shards={spec!r}: directory {part!r} holds no *.tar file")
         else:
             found = expand_pattern(part)
-            missing = [p for p in found if not os.path.isfile(p)]
+            missing = [p for p in found if not os.path.isfile(local_path(p))]
             if missing:
                 raise ValueError(
                     f"shards={spec!r}: {part!r} names {len(missing)} file(s) that do not exist (first: {missing[0]!r})"
@@ -134,86 +153,126 @@ def resample_shards(shards: Sequence[str], rng: np.random.Generator) -> Iterator
 
 
 # ---------------------------------------------------------------------------------------------------- sample counts
-def _sample_prefixes(tar: tarfile.TarFile) -> Iterator[str]:
-    """The sample key of each data member of ``tar`` in order (metadata and non-file members skipped)."""
-    for info in tar:
-        if not info.isreg() or _META.match(info.name):
+def _read_header_keys(tar: tarfile.TarFile, keys: list[str]) -> tarfile.TarInfo | None:
+    """Append the sample keys of the open ``tar`` to ``keys`` in order, from its member headers (metadata and non-file
+    members skipped); returns the last member. ``keys`` holds the keys read before an error (a cut inside a member
+    raises ``tarfile.ReadError``)."""
+    last = None
+    for last in tar:
+        if not last.isreg() or _META.match(last.name):
             continue
-        prefix, _ = base_plus_ext(info.name)
-        if prefix is not None:
-            yield prefix
-
-
-def _read_header_keys(path: str | os.PathLike, keys: list[str]) -> tarfile.TarInfo | None:
-    """Append the sample keys of the tar file ``path`` to ``keys`` in order, from its member headers only (no member
-    data is read, unlike a webdataset reader: ``tarfile``'s random access seeks over it); returns the last member.
-    ``keys`` holds the keys read before an error (a cut inside a member raises ``tarfile.ReadError``)."""
-    with tarfile.open(path, "r:") as tar:
-        for prefix in _sample_prefixes(tar):
-            if not keys or keys[-1] != prefix:
-                keys.append(prefix)
-        return tar.getmembers()[-1] if tar.getmembers() else None
+        prefix, _ = base_plus_ext(last.name)
+        if prefix is not None and (not keys or keys[-1] != prefix):
+            keys.append(prefix)
+    return last
 
 
 def count_shard_samples(path: str) -> int:
-    """Samples (distinct consecutive keys) in the tar file ``path``, from its member headers only (no data read).
+    """Samples (distinct consecutive keys) in the local tar file ``path``, from its member headers only (no data read:
+    ``tarfile``'s random access seeks over it).
 
     A truncated or unreadable tar counts the samples before the damage, with a warning.
     """
     keys: list[str] = []
     try:
-        _read_header_keys(path, keys)
+        with tarfile.open(local_path(path), "r:") as tar:
+            _read_header_keys(tar, keys)
     except (OSError, tarfile.TarError) as err:
         log.warning("counting samples of %s: stopped after %d samples: %s", path, len(keys), err)
     return len(keys)
 
 
-def complete_shard_keys(path: str | os.PathLike) -> list[str]:
-    """The sample keys, in order, of the tar file ``path``, which must be whole; from its member headers only.
+def complete_shard_keys(url: str | os.PathLike) -> list[str]:
+    """The sample keys, in order, of the shard ``url`` (a local path or a URL), which must be whole.
 
     Whole means: every member's data is there and the end-of-archive marker (two zero blocks) follows the last
     member. ``tarfile`` stops silently at a file cut exactly between two members; the missing marker catches it.
+    A local file is scanned from its member headers only (seeking over the data); a URL is read once, as a stream.
 
     Raises:
-        tarfile.ReadError: the file is cut short (inside a member, or between members) or is not a tar.
-        OSError: the file cannot be read.
+        tarfile.ReadError: the shard is cut short (inside a member, or between members) or is not a tar.
+        OSError: a local file cannot be read.
+        datamodules.tars.ShardUnreachable: a URL cannot be read.
     """
     keys: list[str] = []
-    last = _read_header_keys(path, keys)  # raises ReadError for a cut inside a member's data
-    blocks = 0 if last is None else -(-last.size // tarfile.BLOCKSIZE)  # data padded to whole blocks
-    end = 0 if last is None else last.offset_data + blocks * tarfile.BLOCKSIZE
-    with open(path, "rb") as f:
-        f.seek(end)
-        marker = f.read(2 * tarfile.BLOCKSIZE)
+    url = str(url)
+    if is_url(url):
+        with reading_shard(url) as stream:
+            with tarfile.open(fileobj=stream, mode="r|") as tar:  # type: ignore[call-overload]
+                _read_header_keys(tar, keys)
+            if not stream.ends_whole():
+                raise tarfile.ReadError("no end-of-archive marker at the end of the stream (it is cut short)")
+        return keys
+    with tarfile.open(local_path(url), "r:") as tar:  # raises ReadError for a cut inside a member's data
+        last = _read_header_keys(tar, keys)
+        fileobj = tar.fileobj
+        blocks = 0 if last is None else -(-last.size // tarfile.BLOCKSIZE)  # data padded to whole blocks
+        end = 0 if last is None else last.offset_data + blocks * tarfile.BLOCKSIZE
+        fileobj.seek(end)
+        marker = fileobj.read(2 * tarfile.BLOCKSIZE)
     if marker != bytes(2 * tarfile.BLOCKSIZE):
         raise tarfile.ReadError(f"no end-of-archive marker after byte {end} (the file is cut short)")
     return keys
 
 
-def manifest_counts(shards: Sequence[str]) -> dict[str, int]:
-    """Samples per shard recorded in the ``manifest.json`` beside the shards (``datamodules.prepare`` writes it).
+def manifest_counts(shards: Sequence[str], manifest: str | None = None) -> dict[str, int]:
+    """Samples per shard recorded in a manifest: ``manifest`` (a ``manifest.json`` path or URL, or a directory) if
+    given, else the ``manifest.json`` next to each shard (``datamodules.manifest.manifest_location``: for URLs the
+    same URL or command with ``manifest.json`` in place of the shard's file name). A shard is looked up by its file
+    name among the manifest's complete splits (an interrupted prepare run's records are provisional).
 
     Returns:
-        {shard path: count} for the shards of ``shards`` that a manifest lists; directories without a manifest
-        contribute nothing (an invalid manifest is reported and ignored).
+        {shard: count} for the shards of ``shards`` that a manifest lists; shards without a manifest contribute
+        nothing (an invalid manifest is reported and ignored).
+
+    Raises:
+        FileNotFoundError, ValueError: the given ``manifest`` is missing or invalid.
     """
-    wanted = set(shards)
-    counts: dict[str, int] = {}  # from complete splits only: an interrupted prepare run's records are provisional
-    for directory in sorted({os.path.dirname(s) for s in shards}):
+    groups: dict[str, list[str]] = {}
+    for shard in shards:
+        place = manifest if manifest is not None else manifest_location(shard)
+        if place is not None:
+            groups.setdefault(place, []).append(shard)
+    counts: dict[str, int] = {}
+    for place, members in groups.items():
+        if manifest is not None and not is_url(place) and os.path.isdir(place):
+            place = os.path.join(place, MANIFEST_NAME)
         try:
-            manifest = read_manifest(directory or ".")
-        except FileNotFoundError:
+            found = load_manifest(place)
+        except (FileNotFoundError, ValueError) as err:
+            if manifest is not None:
+                raise
+            if isinstance(err, ValueError) or is_url(place):
+                log.warning("no sample counts from %s (counting samples from the tar headers): %s", place, err)
             continue
-        except ValueError as err:
-            log.warning("ignoring the manifest of %s (counting samples from the tar headers): %s", directory, err)
-            continue
-        for split in manifest["splits"].values():
-            if not split["complete"]:
-                continue
-            for entry in split["shards"]:
-                path = os.path.join(directory, entry["name"])
-                if path in wanted:
-                    counts[path] = int(entry["count"])
+        recorded = {entry["name"]: int(entry["count"]) for split in found["splits"].values() if split["complete"]
+                    for entry in split["shards"]}  # fmt: skip
+        for shard in members:
+            name = shard_file_name(shard)
+            if name in recorded:
+                counts[shard] = recorded[name]
+    return counts
+
+
+def sample_counts(shards: Sequence[str], manifest: str | None = None) -> dict[str, int]:
+    """Samples of every shard of ``shards``: from the manifest (``manifest_counts``) where it lists them, else for a
+    local file from its tar headers (``count_shard_samples``).
+
+    Raises:
+        ValueError: a URL shard that no manifest lists (counting it would read it whole; one line naming it).
+    """
+    counts = manifest_counts(shards, manifest)
+    remote = [s for s in shards if s not in counts and is_url(s)]
+    if remote:
+        where = manifest if manifest is not None else manifest_location(remote[0])
+        raise ValueError(
+            f"data.shards: {len(remote)} shard URL(s) have no sample count in a manifest (first: {remote[0]}; manifest "
+            f"looked for: {where}); counting them would read them whole. Put the manifest.json that prepare wrote "
+            "next to them or name it with data.manifest, or set data.epoch_length"
+        )
+    for shard in shards:
+        if shard not in counts:
+            counts[shard] = count_shard_samples(shard)
     return counts
 
 
@@ -301,41 +360,33 @@ class BadSampleBudget:
                     message)  # fmt: skip
 
 
-def _ends_with_marker(stream: Any) -> bool:
-    """Whether the seekable tar ``stream`` ends with the two zero blocks that close every whole tar (the stream is
-    left at its start). A file cut exactly between two members ends with a member's data instead (unless that data
-    ends with 1024 zero bytes: then the cut goes unnoticed, as tar's own reading would). A stream that cannot seek
-    (a ``pipe:`` or ``http`` URL) is not checked: only a cut inside a member is found there."""
-    if not getattr(stream, "seekable", lambda: False)():  # webdataset's Pipe has no seekable()
-        return True
-    size = stream.seek(0, os.SEEK_END)
-    stream.seek(max(0, size - 2 * tarfile.BLOCKSIZE))
-    whole = size >= 2 * tarfile.BLOCKSIZE and stream.read() == bytes(2 * tarfile.BLOCKSIZE)
-    stream.seek(0)
-    return whole
-
-
 def read_shards(shards: Iterable[str], budget: BadSampleBudget) -> Iterator[dict[str, Any]]:
-    """Raw samples ``{"__key__": str, "__url__": shard, <suffix>: bytes}`` of the tar files ``shards``, in order.
+    """Raw samples ``{"__key__": str, "__url__": shard, <suffix>: bytes}`` of the shards ``shards`` (local paths or
+    URLs, ``datamodules.tars``), in order.
 
-    A shard that cannot be opened or read to its end is charged once to ``budget`` (with the last key read before
-    the damage) and reading goes on with the next shard. The samples before the damage are kept, except the last
-    one: a sample is complete only once the next one starts. A shard cut exactly between two members (tar itself
-    reads it as a shorter whole file) is damage too: it lacks the end-of-archive marker.
+    A shard that cannot be read to its end is charged once to ``budget`` (with the last key read before the damage)
+    and reading goes on with the next shard. The samples before the damage are kept, except the last one: a sample is
+    complete only once the next one starts. A shard cut exactly between two members (tar itself reads it as a
+    shorter whole file) is damage too: it lacks the end-of-archive marker, local file or stream alike.
+
+    Raises:
+        datamodules.tars.ShardUnreachable: a shard cannot be opened or delivers no byte (a missing file, an HTTP
+            error, a failing ``pipe:`` command): not damage but a broken shard list, one line naming the shard.
     """
     for url in shards:
         key, held, error = "<first sample>", None, None  # held: the latest sample, yielded once the next starts
         try:
-            with open_shard(url) as stream:
-                whole = _ends_with_marker(stream)
+            with reading_shard(url) as stream:
                 for sample in tar_samples(url, stream):
                     if held is not None:
                         key = f"after {held['__key__']}"
                         yield held
                     held = sample
-                if not whole:  # cut between members: the last sample may miss some
+                if not stream.ends_whole():  # cut between members: the last sample may miss some
                     held, error = None, tarfile.ReadError("no end-of-archive marker: the file is cut short")
-        except Exception as err:  # a truncated tar, a missing file, an I/O error (the sample being read is dropped)
+        except ShardUnreachable:
+            raise
+        except Exception as err:  # a truncated tar, an I/O error mid-stream (the sample being read is dropped)
             error = err
         if held is not None:
             key = f"after {held['__key__']}"

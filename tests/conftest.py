@@ -28,21 +28,9 @@ def tiny_vae_dir(tmp_path_factory):
     """A random 2-block diffusers AutoencoderKL (downsample 2, 4 latent channels) written by save_pretrained, so
     tests load a VAE through the real loading code without any download."""
     pytest.importorskip("diffusers", reason="FrozenVAE wraps diffusers' AutoencoderKL")
-    from diffusers import AutoencoderKL
+    from tests.stand_ins import write_tiny_vae
 
-    torch.manual_seed(0)
-    model = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=16,
-    )
-    directory = tmp_path_factory.mktemp("tiny_vae")
-    model.save_pretrained(directory)
-    return directory
+    return write_tiny_vae(tmp_path_factory.mktemp("tiny_vae"))
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
-"""Randomly initialised stand-ins for the pretrained metric networks, written to files and loaded through the real
-loading code (``zigma.metrics.load_inception`` / ``load_i3d``), so tests download nothing."""
+"""Randomly initialised stand-ins for the pretrained networks, written to files and loaded through the real loading
+code (``zigma.metrics.load_inception`` / ``load_i3d``, ``zigma.vae.FrozenVAE``), so tests and CPU benchmarks download
+nothing."""
 
 from __future__ import annotations
 
@@ -65,3 +66,22 @@ def write_tiny_i3d(folder: Path) -> Path:
         warnings.simplefilter("ignore", FutureWarning)
         torch.jit.script(TinyI3D().eval()).save(str(path))
     return path
+
+
+def write_tiny_vae(folder: Path) -> Path:
+    """A random 2-block diffusers AutoencoderKL (downsample 2, 4 latent channels) written by ``save_pretrained`` into
+    ``folder``, which ``FrozenVAE(str(folder))`` loads; returns ``folder``."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    model = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=16,
+    )
+    model.save_pretrained(folder)
+    return Path(folder)

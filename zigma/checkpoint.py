@@ -135,24 +135,36 @@ def load_upstream_checkpoint(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Our inference export: <dir>/model.safetensors + <dir>/config.json
+# Our inference export: <dir>/model.safetensors + <dir>/config.json (+ <dir>/flow.json)
 # ----------------------------------------------------------------------------------------------------------------
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+FLOW_NAME = "flow.json"  # optional: how the model samples (transport, sampler, VAE); ``zigma sample`` reads it
 
 
-def save_pretrained(model: ZigMa, directory: str | os.PathLike) -> Path:
-    """Save weights (safetensors, persistent buffers included) and the constructor config (JSON)."""
+def save_pretrained(model: ZigMa, directory: str | os.PathLike, *, flow: dict[str, Any] | None = None) -> Path:
+    """Save weights (safetensors, persistent buffers included) and the constructor config (JSON); with ``flow``
+    (plain JSON values: the transport, sampler and VAE settings of a ``FlowMatchingModule``) also ``flow.json``.
+    The weights are written last, so a directory with ``model.safetensors`` is complete."""
     from safetensors.torch import save
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    write_bytes_atomically(directory / WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
     with atomic_write(directory / CONFIG_NAME, "w") as f:
         json.dump({"model_type": "zigma", **model.config}, f, indent=2, sort_keys=True)
+    if flow is not None:
+        with atomic_write(directory / FLOW_NAME, "w") as f:
+            json.dump(flow, f, indent=2, sort_keys=True)
+    write_bytes_atomically(directory / WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
     return directory
+
+
+def read_flow_settings(directory: str | os.PathLike) -> dict[str, Any]:
+    """The ``flow.json`` settings of an export directory ({} when it has none: the module's defaults apply)."""
+    path = Path(directory) / FLOW_NAME
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def from_pretrained(

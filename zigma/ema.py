@@ -7,6 +7,12 @@ where k counts EMA updates. Buffers (e.g. random scan paths) are copied, not ave
 ``nn.Module`` with ``requires_grad=False``: it follows ``.to(device)``, is saved in ``state_dict`` and gets no
 optimizer state or DDP gradient sync. Sampling uses the copy directly, so the live weights are never swapped (a
 checkpoint written at any moment stores raw and EMA weights in their own places).
+
+The average always *runs* in eval mode (no drop-path, no condition dropout): calling the ``EMA`` module runs
+``network`` in eval mode whatever mode it is held in, and restores that mode. The held copy follows ``train()`` /
+``eval()`` like any submodule, so a LightningModule holding it is entirely in train mode at the start of training
+(Lightning warns about every submodule found in eval mode then; before issue 17 the copy was pinned to eval and
+the warning listed its ~90 modules). Call ``ema(...)``, not ``ema.network(...)``, to sample.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ class EMA(nn.Module):
         self.warmup = warmup
         self.update_every = update_every
         self.start_step = start_step
-        self.network = copy.deepcopy(network).eval().requires_grad_(False)
+        self.network = copy.deepcopy(network).requires_grad_(False)
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
 
     def current_decay(self) -> float:
@@ -56,10 +62,12 @@ class EMA(nn.Module):
         self.num_updates += 1
 
     def forward(self, *args, **kwargs):
-        return self.network(*args, **kwargs)
-
-    def train(self, mode: bool = True) -> EMA:
-        """The average is always in eval mode (no drop-path, no condition dropout)."""
-        super().train(mode)
-        self.network.eval()
-        return self
+        """``network(*args, **kwargs)`` in eval mode; the mode it was held in is restored afterwards."""
+        held = [m for m in self.network.modules() if m.training]
+        for m in held:
+            m.training = False
+        try:
+            return self.network(*args, **kwargs)
+        finally:
+            for m in held:
+                m.training = True

@@ -30,6 +30,32 @@ def _dt_bias_init(d_inner: int, dt_min: float, dt_max: float, dt_init_floor: flo
     return dt + torch.log(-torch.expm1(-dt))
 
 
+def causal_depthwise_conv(x: torch.Tensor, conv1d: nn.Conv1d) -> torch.Tensor:
+    """Mamba's causal depthwise conv along the tokens: (B, L, E) -> (B, L, E), i.e.
+    ``conv1d(x.transpose(1, 2))[..., :L].transpose(1, 2)`` for ``conv1d`` = Conv1d(E, E, K, groups=E, padding=K-1).
+
+    On CPU it runs as K shifted multiply-adds in the token-major layout the projections use,
+
+        y_t = bias + Σ_{k<K} w[:, k] ⊙ x_{t-K+1+k}        (x_s = 0 for s < 0),
+
+    which is ~2x faster than ``nn.Conv1d`` for forward + backward at the quickstart's sizes (its depthwise backward
+    is slow on CPU; ``benchmarks/profile_cpu.py``) and needs no transposes. The same up to rounding order (the sum
+    over k). Other devices run ``conv1d`` itself.
+    """
+    seqlen, k = x.shape[1], conv1d.kernel_size[0]
+    if x.device.type != "cpu":
+        return conv1d(x.transpose(1, 2))[..., :seqlen].transpose(1, 2)
+    weight = conv1d.weight[:, 0, :]  # (E, K)
+    padded = F.pad(x, (0, 0, k - 1, 0))  # (B, K-1+L, E)
+    if conv1d.bias is not None:
+        y = torch.addcmul(conv1d.bias, padded[:, :seqlen], weight[:, 0])
+    else:
+        y = padded[:, :seqlen] * weight[:, 0]
+    for i in range(1, k):
+        y = torch.addcmul(y, padded[:, i : i + seqlen], weight[:, i])
+    return y
+
+
 class MambaMixer(nn.Module):
     def __init__(
         self,
@@ -102,21 +128,28 @@ class MambaMixer(nn.Module):
 
     def _scan_branch(self, x, z, conv1d, x_proj, dt_proj, a_log, d_skip):
         """x, z (B, L, E) in scan order -> gated scan output (B, L, E)."""
-        seqlen = x.shape[1]
-        x = F.silu(conv1d(x.transpose(1, 2))[..., :seqlen])  # causal depthwise conv: (B, E, L)
-        x_dbl = F.linear(x.transpose(1, 2), x_proj.weight)  # (B, L, R + 2N)
+        x = F.silu(causal_depthwise_conv(x, conv1d))  # (B, L, E)
+        x_dbl = F.linear(x, x_proj.weight)  # (B, L, R + 2N)
         dt, b, c = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.linear(dt, dt_proj.weight)  # (B, L, E); the bias goes into the scan's softplus
+        delta_bias, softplus = dt_proj.bias.float(), True
+        if x.device.type == "cpu" and not torch.compiler.is_compiling():
+            # Δ' = softplus(Δ + bias) once, here: the torch scan (the only CPU backend) would compute it in forward
+            # and again in backward, and CPU softplus is as slow as ~10 of the scan's block products. The same
+            # numbers (the scan adds and softplus-es in fp32 too; its backward applies softplus_backward alike).
+            # Eager only: compiled (aot_eager), the gradient's strides out of the scan op's permuted view differ
+            # from the traced ones and the linear's backward view fails (tests/zigma/test_compile.py).
+            delta, delta_bias, softplus = F.softplus(delta + delta_bias), None, False
         y = selective_scan(
-            x,
+            x.transpose(1, 2),
             delta.transpose(1, 2),
             -torch.exp(a_log.float()),
             b.transpose(1, 2),
             c.transpose(1, 2),
             d_skip.float(),
             z=z.transpose(1, 2),
-            delta_bias=dt_proj.bias.float(),
-            delta_softplus=True,
+            delta_bias=delta_bias,
+            delta_softplus=softplus,
             backend=self.scan_backend,
         )
         return y.transpose(1, 2)

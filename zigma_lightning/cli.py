@@ -177,8 +177,9 @@ class ZigMaCLI(LightningCLI):
             ]
 
     def instantiate_trainer(self, **kwargs):
-        """Adds the atomic checkpoint writer and, under SLURM, the auto-requeue environment to the plugins and
-        ``StepBoundaryRequeue`` to the callbacks (preemption checkpoints at a step boundary)."""
+        """Adds the atomic checkpoint writer and, under SLURM, the auto-requeue environment to the plugins,
+        ``StepBoundaryRequeue`` to the callbacks (preemption checkpoints at a step boundary) and, in place of
+        Lightning's default progress bar, :func:`console_callbacks`'s."""
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         configured = (config.get("trainer") or {}).get("plugins") or []
         plugins = list(configured) if isinstance(configured, list) else [configured]
@@ -188,6 +189,9 @@ class ZigMaCLI(LightningCLI):
         if SLURMEnvironment.detect() and not any(isinstance(p, ClusterEnvironment) for p in plugins):
             requeue = SLURMEnvironment(auto_requeue=True)
             plugins.append(requeue)
+        callbacks = console_callbacks(config.get("trainer") or {})
+        if callbacks is not None:
+            kwargs["callbacks"] = callbacks
         trainer = super().instantiate_trainer(plugins=plugins, **kwargs)
         if requeue is not None:
             trainer.callbacks.append(StepBoundaryRequeue(requeue.requeue_signal))
@@ -206,7 +210,7 @@ class ZigMaCLI(LightningCLI):
     def after_instantiate_classes(self) -> None:
         sub = self.config.get("subcommand")
         ckpt_path = self.config[sub].get("ckpt_path") if sub else None
-        check_model_matches_data(self.model, self.datamodule, checkpoint=ckpt_path)
+        check_model_matches_data(self.model, self.datamodule, checkpoint=ckpt_path, stage=sub)
         if sub is not None:
             self.check_writable(sub)
 
@@ -233,9 +237,29 @@ class ZigMaCLI(LightningCLI):
                                   "fix its permissions")  # fmt: skip
 
 
+def console_callbacks(trainer_config: dict) -> list | None:
+    """The configured (instantiated) trainer callbacks plus, where Lightning would add its ``RichProgressBar``, a
+    :class:`~callbacks.console.StepLimitedRichProgressBar` ("Epoch 6", not "Epoch 6/-2", on step-limited runs).
+    None: nothing to add (no progress bar, one configured, or ``rich`` missing, where Lightning uses tqdm)."""
+    from lightning.pytorch.callbacks.progress import ProgressBar
+    from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
+
+    configured = trainer_config.get("callbacks") or []
+    configured = list(configured) if isinstance(configured, list) else [configured]
+    if trainer_config.get("enable_progress_bar") is False or not _RICH_AVAILABLE:
+        return None
+    if any(isinstance(cb, ProgressBar) for cb in configured):
+        return None
+    from callbacks.console import StepLimitedRichProgressBar
+
+    return [*configured, StepLimitedRichProgressBar()]
+
+
 def root_cause(err: BaseException) -> BaseException:
-    """The first exception of a chain (``__cause__``, else ``__context__``): the one the failing code raised."""
-    while (err.__cause__ or err.__context__) is not None:
+    """The first exception of a chain (``__cause__``, else ``__context__``): the one the failing code raised; or the
+    first ``DataError``, whose message is already the line for people (an unreadable shard: not the tar error that
+    revealed it)."""
+    while not isinstance(err, DataError) and (err.__cause__ or err.__context__) is not None:
         err = err.__cause__ or err.__context__
     return err
 
@@ -324,13 +348,14 @@ def unwritable(directory: Path) -> str | None:
 
 
 def check_model_matches_data(model: FlowMatchingModule, data: ZigMaDataModule | None,
-                             checkpoint: str | None = None) -> None:  # fmt: skip
+                             checkpoint: str | None = None, stage: str | None = None) -> None:  # fmt: skip
     """Fail before any step when the model cannot consume what the data yields (``FlowMatchingModule.check_data``
-    against ``ZigMaDataModule.yields``) or differs from the shards' manifest (``ZigMaDataModule.check_manifest``)."""
+    against ``ZigMaDataModule.yields``) or differs from the shards' manifest (``ZigMaDataModule.check_manifest``).
+    ``stage`` (the subcommand): ``predict`` reads no data, so shard DataModules need no shards for it."""
     if data is None:
         return
     try:
-        yields = data.yields()
+        yields = data.yields(stage)
         model.check_data(yields, checkpoint=checkpoint)
         data.check_manifest(**model.manifest_facts())
         model.check_latent_scale(yields.vae_scale)  # after the manifest check, whose message names more

@@ -3,6 +3,8 @@
     zigma fit --config configs/quickstart.yaml      # train (see zigma_lightning.cli)
     zigma prepare images --help                     # encode a dataset into shards (datamodules.prepare)
     zigma reference-stats --help                    # Inception statistics of real images for FID
+    zigma sample --ckpt last.ckpt --count 50000 --out samples/   # samples.npz for FID evaluators
+    zigma export last.ckpt --out export/            # EMA weights: model.safetensors + config.json
 
 Each tool is imported only when named, so ``zigma --help`` is quick and a tool's optional dependency is needed
 only by that tool. A missing optional dependency stops with one line naming the extra that provides it.
@@ -22,6 +24,8 @@ LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 TOOLS = {
     "prepare": ("datamodules.prepare", "encode images, videos or captions into webdataset shards with a manifest"),
     "reference-stats": ("zigma_lightning.reference_stats", "Inception statistics of real images, for FID"),
+    "sample": ("zigma_lightning.sample", "N samples from a checkpoint: resumable, bounded memory, samples.npz"),
+    "export": ("zigma_lightning.export", "a checkpoint's EMA weights as safetensors + config.json"),
 }
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 EXTRAS = {
     "torch_fidelity": "eval",
     "transformers": "text",
+    "av": "video",
     "triton": "gpu",
     "mamba_ssm": "gpu",
     "causal_conv1d": "gpu",

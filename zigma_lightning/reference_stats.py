@@ -4,12 +4,14 @@ Usage (an image folder, or the images stored in webdataset shards under a key su
 
     zigma reference-stats --images DIR --resolution 256 --count 5000 --out stats.npz \\
         [--inception-weights PATH] [--dataset NAME] [--batch-size 64] [--device cuda] [--antialias] [--feature 2048]
+        [--quiet]
     zigma reference-stats --shards '/data/celeba/train-{000000..000099}.tar' --image-key jpg ...
 
 (``python -m zigma_lightning.reference_stats`` is the same command.) Images are read like the data tool
 (``datamodules.images``): RGB, shorter side resized to the resolution (PIL bicubic), centre square cropped; the first
-``--count`` in natural path order (folders) or shard and member order (shards). The statistics library and its cache
-are ``zigma.metrics.reference``.
+``--count`` in natural path order (folders) or shard and member order (shards). A progress bar counts the images on
+a terminal (never into a redirected log; ``--quiet``: never). The statistics library and its cache are
+``zigma.metrics.reference``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from datamodules.errors import DataError
 from datamodules.images import batches_of, folder_batches, list_images, shard_images
 from datamodules.shards import expand_shards
 from zigma.metrics.reference import compute_stats
@@ -34,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", help="folder of images (searched recursively)")
-    source.add_argument("--shards", help="webdataset tar shards: a brace pattern such as 'train-{000000..000099}.tar'")
+    source.add_argument("--shards", help="webdataset tar shards: a brace pattern such as 'train-{000000..000099}.tar', "
+                        "a pipe: command or an http(s):// URL")  # fmt: skip
     parser.add_argument("--image-key", default="jpg", help="with --shards: the images' suffix (default jpg)")
     parser.add_argument("--resolution", type=int, required=True, help="shorter side resized to this, centre crop")
     parser.add_argument("--count", type=int, required=True, help="number of images (the first, in natural order)")
@@ -45,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--antialias", action="store_true", help="antialiased resize to 299 (not TF-FID comparable)")
     parser.add_argument("--feature", type=int, default=2048, choices=(64, 192, 768, 2048), help="pool layer; FID: 2048")
+    parser.add_argument(
+        "--quiet", action="store_true", help="no progress bar (there is none when stderr is no terminal)"
+    )
     return parser
 
 
@@ -80,7 +87,9 @@ def reference_stats_from_argv(argv: Sequence[str] | None = None) -> Path:
         "extractor": extractor.name,
         "antialias": args.antialias,
     }
-    stats = compute_stats(batches, extractor=extractor, count=args.count, meta=key)
+    stats = compute_stats(
+        batches, extractor=extractor, count=args.count, meta=key, progress=False if args.quiet else None
+    )
     out = stats.save(args.out)
     print(f"saved statistics of {stats.count} images to {out}: {json.dumps(stats.meta, sort_keys=True)}")
     return out
@@ -91,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     gives 1 (argparse's usage errors exit with 2)."""
     try:
         reference_stats_from_argv(argv)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, DataError) as error:  # DataError: a shard that cannot be read
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

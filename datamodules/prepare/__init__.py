@@ -1,4 +1,5 @@
-"""Write webdataset shards of images (or frame folders) with their raw VAE latents, labels and caption features.
+"""Write webdataset shards of images (or videos: container files or frame folders) with their raw VAE latents, labels
+and caption features.
 
 Usage::
 
@@ -7,13 +8,21 @@ Usage::
         [--labels none|folders|list|NAMES_FILE] [--captions FILE] [--clip PATH_OR_ID] [--split train] [--seed 0]
         [--max-bad 100]
     python -m datamodules.prepare videos SRC --out DIR --frames 16 [--frame-stride 1] ... (same options)
+        [--split-file trainlist01.txt --class-index classInd.txt]
 
 Inputs (the sorted input list fixes every sample's key and shard, so reruns and worker counts give the same shards):
 
 - ``SRC`` a folder: images (``.jpg .jpeg .png .webp .bmp``, recursive, hidden files and folders skipped) or, for
-  ``videos``, every folder that directly holds frame images (one video; frames in natural order: ``f2`` before
-  ``f10``). With ``--labels folders`` the class is the first folder under ``SRC`` (``SRC/<class>/.../x.jpg``; for
-  videos ``SRC/<class>/<video>/``); for a list file, the first folder of each ``path``.
+  ``videos``, every video file (``.avi .mp4 .webm .mkv``, decoded with PyAV: the ``video`` extra) and every folder
+  that directly holds frame images (one video; frames in natural order: ``f2`` before ``f10``). A video's clip is
+  its frames ``0, s, ..., (T - 1) s`` (``--frames T --frame-stride s``), each resized and centre cropped as images;
+  a video with fewer frames is an unreadable input. With ``--labels folders`` the class is the first folder under
+  ``SRC`` (``SRC/<class>/.../x.jpg``; for videos ``SRC/<class>/<video>.avi`` or ``SRC/<class>/<video>/``); for a
+  list file, the first folder of each ``path``.
+- ``--split-file FILE`` (videos): a UCF101 split list (``trainlist01.txt``: ``<Class>/<video>.avi <id>`` lines,
+  ``testlist01.txt``: ``<Class>/<video>.avi``) naming the videos under the folder ``SRC`` to prepare.
+  ``--class-index classInd.txt`` (``<id> <name>`` lines): the labels are the videos' class folders, stored as the
+  file's ids minus one (0..100 for UCF101), and a split list's ids must agree with them.
 - ``SRC`` a list file (``.csv``, ``.tsv`` or ``.jsonl``) with a ``path`` column (relative to the list file) and
   optionally ``label`` (a class name or an integer id; ``--labels list``) and either ``caption_feature`` (a ``.npy``
   of precomputed text features (N_cap, L, d), e.g. CLIP ViT-L/14 (N_cap, 77, 768) as upstream ZigMa uses) or

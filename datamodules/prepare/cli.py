@@ -14,10 +14,12 @@ from typing import Any, get_args
 from datamodules.prepare.driver import prepare
 from datamodules.prepare.encoding import LatentMode, StoreDtype
 from datamodules.prepare.writing import ImageFormat, Options
+from datamodules.tars import is_url
 from zigma.vae import DEFAULT_VAE
 
 DESCRIPTION = (
-    "Write webdataset shards of images (or frame folders) with their raw VAE latents, labels and caption features."
+    "Write webdataset shards of images (or videos: .avi/.mp4/.webm/.mkv files or frame folders) with their raw VAE "
+    "latents, labels and caption features."
 )
 DEFAULT_LATENT_KEY: dict[str, str] = {"images": "latent.npy", "videos": "frame_feature256.npy"}
 
@@ -52,9 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m datamodules.prepare", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="kind", required=True)
     sub.add_parser("images", parents=[common], help="image folder or list -> image + latent shards")
-    videos = sub.add_parser("videos", parents=[common], help="folder of frame folders -> (T, C, h, w) latent shards")
+    video_help = "video files (.avi .mp4 .webm .mkv) or frame folders -> (T, C, h, w) latent shards"
+    videos = sub.add_parser("videos", parents=[common], help=video_help)
     videos.add_argument("--frames", type=int, default=16, help="frames per video (T)")
     videos.add_argument("--frame-stride", type=int, default=1, help="take every k-th frame from the first")
+    videos.add_argument("--split-file", default=None,
+                        help="UCF101 split list (trainlist01.txt, testlist01.txt): the videos it names")  # fmt: skip
+    videos.add_argument("--class-index", default=None,
+                        help="UCF101 classInd.txt: class = the video's folder, id = its id minus 1")  # fmt: skip
     return parser
 
 
@@ -82,7 +89,7 @@ def prepare_from_argv(argv: Sequence[str] | None = None) -> dict[str, Any]:
                            device=args.device)  # fmt: skip
     options = Options(
         kind=args.kind,
-        out=str(Path(args.out).expanduser().resolve()),
+        out=args.out if is_url(args.out) else str(Path(args.out).expanduser().resolve()),  # a URL is refused
         split=args.split,
         resolution=args.resolution,
         shard_size=args.shard_size,
@@ -98,7 +105,8 @@ def prepare_from_argv(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     command = shlex.join(["python", "-m", "datamodules.prepare", *argv])
     return prepare(args.src, options, vae_kwargs=vae_kwargs, labels=args.labels, captions=args.captions,
-                   clip_kwargs=clip_kwargs, workers=args.workers, command=command,
+                   clip_kwargs=clip_kwargs, split_file=getattr(args, "split_file", None),
+                   class_index=getattr(args, "class_index", None), workers=args.workers, command=command,
                    progress=False if args.quiet else None)  # fmt: skip
 
 

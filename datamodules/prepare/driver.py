@@ -34,6 +34,7 @@ from datamodules.prepare.writing import (
     worker_context,
     write_shard,
 )
+from datamodules.tars import is_url
 from zigma.text_encoder import CLIPCaptionEncoder
 from zigma.vae import FrozenVAE
 
@@ -50,6 +51,8 @@ def prepare(
     labels: str = "none",
     captions: str | None = None,
     clip_kwargs: dict[str, Any] | None = None,
+    split_file: str | None = None,
+    class_index: str | None = None,
     workers: int = 1,
     command: str | None = None,
     progress: bool | None = None,
@@ -57,7 +60,7 @@ def prepare(
     """List the inputs, write the missing shards (in ``workers`` processes when > 1) and the manifest.
 
     Args:
-        src, labels, captions: as :func:`list_inputs`.
+        src, labels, captions, split_file, class_index: as :func:`list_inputs`.
         options: what to write where.
         vae_kwargs: ``FrozenVAE`` arguments (the VAE is loaded once here and once per worker); None with
             ``latents="none"``.
@@ -81,7 +84,8 @@ def prepare(
         raise ValueError(
             f"--resolution {opts.resolution} is not divisible by the VAE's downsample factor {vae.downsample_factor}"
         )
-    inputs = list_inputs(src, opts.kind, labels=labels, captions=captions, caption_text=clip_kwargs is not None)
+    inputs = list_inputs(src, opts.kind, labels=labels, captions=captions, caption_text=clip_kwargs is not None,
+                         split_file=split_file, class_index=class_index)  # fmt: skip
     clip = CLIPCaptionEncoder(**clip_kwargs) if clip_kwargs is not None else None
     if clip is not None:
         counts = {len(it.captions or ()) for it in inputs.items}
@@ -179,6 +183,9 @@ def _check_options(opts: Options, vae_kwargs: dict[str, Any] | None, workers: in
         raise ValueError(f"--latents {opts.latents!r}: must be one of {list(get_args(LatentMode))}")
     if opts.dtype not in get_args(StoreDtype):
         raise ValueError(f"--dtype {opts.dtype!r}: must be one of {list(get_args(StoreDtype))}")
+    if is_url(str(opts.out)):  # the shards are written (atomically) and checked on resume in a local directory
+        raise ValueError(f"--out {opts.out}: must be a local directory; upload it afterwards (e.g. aws s3 sync OUT "
+                         "s3://bucket/dir/) and train on the URLs")  # fmt: skip
     if not re.fullmatch(r"[A-Za-z0-9_]+", opts.split):
         raise ValueError(f"--split {opts.split!r}: use letters, digits and '_' (it starts every shard name)")
     for name, value, low in (("resolution", opts.resolution, 1), ("shard-size", opts.shard_size, 1),

@@ -1,5 +1,6 @@
-"""The data tool's inputs: the sorted list of images or frame folders (a folder, or a CSV/TSV/JSONL list file), with
-class ids and caption feature files or texts. The sorted list fixes every sample's key and shard."""
+"""The data tool's inputs: the sorted list of images, or of video files and frame folders (a folder, a CSV/TSV/JSONL
+list file, or a UCF101-style split list of a folder), with class ids and caption feature files or texts. The sorted
+list fixes every sample's key and shard."""
 
 from __future__ import annotations
 
@@ -17,6 +18,13 @@ from typing import Any, Literal
 import numpy as np
 
 from datamodules.images import IMAGE_EXTENSIONS, frame_folders, list_images
+from datamodules.prepare.videos import (
+    VIDEO_EXTENSIONS,
+    import_av,
+    read_class_index,
+    read_split_file,
+    video_files,
+)
 
 Kind = Literal["images", "videos"]
 LIST_EXTENSIONS = (".csv", ".tsv", ".jsonl")
@@ -25,12 +33,12 @@ LABEL_MODES = ("none", "folders", "list")  # or a names file
 
 @dataclass(frozen=True)
 class Item:
-    """One input: an image file or a folder of video frames.
+    """One input: an image file, a video file or a folder of video frames.
 
     Attributes:
         index: position in the sorted input list; the sample key is ``f"{index:08d}"`` and its shard
             ``index // shard_size``.
-        path: absolute path of the image file or frame folder.
+        path: absolute path of the image file, video file or frame folder.
         rel: path relative to the source folder or list file (stored as ``src.txt``).
         label: class id, or None.
         caption_feature: absolute path of a (N_cap, L, d) ``.npy``, or None.
@@ -164,34 +172,59 @@ def _has_text(row: Mapping[str, Any]) -> bool:
 
 
 def list_inputs(src: str | os.PathLike, kind: Kind, *, labels: str = "none", captions: str | None = None,
-                caption_text: bool = False) -> Inputs:  # fmt: skip
+                caption_text: bool = False, split_file: str | None = None,
+                class_index: str | None = None) -> Inputs:  # fmt: skip
     """The sorted input list of a folder or list file, with class ids and caption feature files or texts.
 
     Args:
-        src: a folder of images / frame folders, or a ``.csv``/``.tsv``/``.jsonl`` list file.
+        src: a folder of images / of video files and frame folders, or a ``.csv``/``.tsv``/``.jsonl`` list file.
         kind: ``"images"`` or ``"videos"``.
         labels: ``"none"``, ``"folders"``, ``"list"`` or a names file (see the module docstring).
+        split_file: videos only: a UCF101 split list (``trainlist01.txt``, ``testlist01.txt``): the inputs are the
+            videos it names, relative to the folder ``src``, instead of all of them.
+        class_index: videos only: UCF101's ``classInd.txt``; the class of each video is its first folder under
+            ``src``, its id the file's id minus one, and a split file's labels must agree (``labels`` stays
+            ``"none"``).
         captions: a list file with ``path`` and ``caption_feature`` or ``caption`` columns joined by path.
         caption_text: the ``caption`` texts will be encoded (``--clip``): every input needs one, and no
             ``caption_feature`` may be given. When False, a ``caption`` without a ``caption_feature`` is an error.
 
     Raises:
-        ValueError: no input, a label or caption setting that does not fit the input (named in the message).
+        ValueError: no input, a label, split or caption setting that does not fit the input (named in the message).
+        RuntimeError: video files without the decoder installed (the ``video`` extra).
     """
     source = Path(src).expanduser().resolve()
     if not source.exists():
         raise ValueError(f"SRC={str(src)!r} does not exist")
     names = None
-    if labels not in LABEL_MODES:
+    if (split_file is not None or class_index is not None) and kind != "videos":
+        raise ValueError("--split-file and --class-index are for videos (UCF101's split lists)")
+    if class_index is not None:
+        if labels != "none":
+            raise ValueError(f"--class-index gives the labels (each video's class folder); drop --labels {labels}")
+        names = read_class_index(class_index)
+        labels = "folders"
+    elif labels not in LABEL_MODES:
         if not Path(labels).is_file():
             raise ValueError(f"--labels {labels!r}: must be one of {list(LABEL_MODES)} or an existing names file")
         names = _read_names(Path(labels))
     rows: list[dict[str, Any]]
+    if split_file is not None and not source.is_dir():
+        raise ValueError(f"--split-file: SRC={str(src)!r} must be the folder its paths are relative to (UCF-101/)")
     if source.is_dir():
         if labels == "list":
             raise ValueError("--labels list needs a list file as SRC; for a folder use --labels folders")
         base = source
-        found = list_images(source) if kind == "images" else frame_folders(source)
+        if split_file is not None:
+            found = [source / rel for rel in read_split_file(split_file, names)]
+            if not any(p.exists() for p in found):
+                raise ValueError(f"--split-file {split_file}: none of its {len(found)} videos is under "
+                                 f"SRC={str(src)!r} (first: {found[0].relative_to(source)}); SRC must be the folder "
+                                 "that holds the class folders (UCF-101/)")  # fmt: skip
+        elif kind == "images":
+            found = list_images(source)
+        else:
+            found = video_files(source) + frame_folders(source)
         rows = [{"path": str(p)} for p in found]
     elif source.suffix.lower() in LIST_EXTENSIONS:
         base = source.parent
@@ -203,8 +236,12 @@ def list_inputs(src: str | os.PathLike, kind: Kind, *, labels: str = "none", cap
         row["rel"] = Path(os.path.relpath(row["abs"], base)).as_posix()
     rows.sort(key=lambda r: r["rel"])
     if not rows:
-        what = "image files" if kind == "images" else "folders of frame images"
-        raise ValueError(f"SRC={str(src)!r}: no inputs found ({what} with extensions {list(IMAGE_EXTENSIONS)})")
+        what = f"image files {list(IMAGE_EXTENSIONS)}"
+        if kind == "videos":
+            what = f"video files {list(VIDEO_EXTENSIONS)} or folders of {what}"
+        raise ValueError(f"SRC={str(src)!r}: no inputs found ({what})")
+    if kind == "videos" and not all(Path(r["abs"]).is_dir() for r in rows):
+        import_av()  # video files are decoded with it: fail now, in one line, not once per input
 
     if captions is not None:
         table = {str((Path(captions).parent / r["path"]).resolve()): r for r in _read_table(Path(captions))}
@@ -266,7 +303,10 @@ def list_inputs(src: str | os.PathLike, kind: Kind, *, labels: str = "none", cap
                 )
             raw = [p[0] for p in parts]
             label_source = "folders" if names is None else f"folders, names file {Path(labels).name}"
-        ids, label_names = _label_ids(raw, names, f"--labels {labels}")  # type: ignore[assignment]
+            if class_index is not None:
+                label_source = f"folders, class index {Path(class_index).name} (ids minus one)"
+        option = f"--labels {labels}" if class_index is None else f"--class-index {class_index}"
+        ids, label_names = _label_ids(raw, names, option)  # type: ignore[assignment]
 
     items = [
         Item(

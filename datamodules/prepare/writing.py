@@ -20,10 +20,11 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from datamodules.images import frame_files, load_image
+from datamodules.images import load_image
 from datamodules.manifest import JPEG_QUALITY
 from datamodules.prepare.encoding import LatentMode, StoreDtype, encode_captions, encode_latents, to_pixels
 from datamodules.prepare.inputs import Item, Kind
+from datamodules.prepare.videos import load_clip
 from datamodules.shards import complete_shard_keys
 from zigma.files import atomic_write, open_temporaries, temporary_writer_pid
 from zigma.text_encoder import CLIPCaptionEncoder
@@ -97,16 +98,12 @@ def sample_key(index: int) -> str:
 
 
 def _load_item(item: Item, opts: Options, caption_tail: tuple[int, ...] | None) -> dict[str, Any]:
-    """Decoded input: ``{"images": [PIL, ...] (1 or T), "caption": array or None}``; raises if unreadable."""
+    """Decoded input: ``{"images": [PIL, ...] (1, or T frames of a video file or frame folder), "caption": array or
+    None}``; raises if unreadable or too short."""
     if opts.kind == "images":
         images = [load_image(item.path, opts.resolution)]
     else:
-        frames = frame_files(item.path)
-        need = (opts.frames - 1) * opts.frame_stride + 1
-        if len(frames) < need:
-            raise ValueError(f"{len(frames)} frames; --frames {opts.frames} --frame-stride {opts.frame_stride} "
-                             f"need {need}")  # fmt: skip
-        images = [load_image(p, opts.resolution) for p in frames[: need : opts.frame_stride]]
+        images = load_clip(item.path, opts.frames, opts.frame_stride, opts.resolution)
     caption = None
     if item.caption_feature is not None:
         caption = np.load(item.caption_feature, allow_pickle=False)

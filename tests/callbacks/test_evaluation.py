@@ -128,9 +128,11 @@ def test_fid_equals_torch_fidelity_calculate_metrics_with_the_same_weights_file(
     assert ours == pytest.approx(theirs, rel=1e-3)
 
 
-def test_fid_is_logged_with_its_count_and_the_reference_is_computed_once(tmp_path, random_inception_weights):
+def test_fid_is_logged_with_its_count_and_the_reference_is_computed_once(tmp_path, random_inception_weights, capsys):
     data = RealData((1, 8, 8))
-    first = run("validate", tiny_module(), data, fid(random_inception_weights, tmp_path))
+    first = run("validate", tiny_module(), data, fid(random_inception_weights, tmp_path, progress=True))
+    bars = capsys.readouterr().err  # rank 0's bars, asked for (stderr is no terminal here): reals, then fakes
+    assert "fid reference:   0%" in bars and "0/6" in bars and "val fid samples:   0%" in bars
     value = float(first.callback_metrics["val/fid_6"])
     assert np.isfinite(value) and value >= 0
     assert float(first.callback_metrics["val/fid_samples"]) == 6 and float(first.callback_metrics["val/fid_nfe"]) > 0
@@ -142,6 +144,7 @@ def test_fid_is_logged_with_its_count_and_the_reference_is_computed_once(tmp_pat
 
     again = run("validate", tiny_module(), data, fid(random_inception_weights, tmp_path))  # a later run: cache hit
     assert data.reads == 1 and float(again.callback_metrics["val/fid_6"]) == pytest.approx(value, rel=1e-6)
+    assert "samples" not in capsys.readouterr().err  # progress unset and the Trainer's bar off: no bar
 
     run("validate", tiny_module(), data, fid(random_inception_weights, tmp_path, reference_count=10))  # a new key
     assert data.reads == 2 and len(list(tmp_path.glob("*.npz"))) == 2

@@ -42,7 +42,7 @@ def test_a_shard_reads_the_same_from_a_path_and_a_pipe_url(tmp_path):
     ]
     url = f"pipe:cat {shard}"
     budget = BadSampleBudget(0)
-    piped = list(read_shards([url], budget))  # not seekable: no end-of-archive check, nothing charged
+    piped = list(read_shards([url], budget))  # a stream: its end-of-archive marker is checked too (whole here)
     assert [{k: v for k, v in s.items() if k != "__url__"} for s in piped] == [
         {k: v for k, v in s.items() if k != "__url__"} for s in local
     ]

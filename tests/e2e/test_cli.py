@@ -99,7 +99,7 @@ def test_predict_writes_requested_images_and_grid(trained, tmp_path):
             "--model.sample_method", "heun", "--model.sample_steps", "3", "--model.sample_seed", "3",
             runs=tmp_path / "predict_runs")  # fmt: skip
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["000000.png", "000001.png", "000002.png", "000003.png", "000004.png", "grid.png"]
+    assert names == ["000000.png", "000001.png", "000002.png", "000003.png", "000004.png", "grid.png", "shards"]
 
 
 def _printed_config(capsys, *args: str) -> str:

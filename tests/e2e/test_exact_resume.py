@@ -5,6 +5,8 @@ its training batches, step by step, are the uninterrupted run's (no batch repeat
 Runs that are neither killed nor under SLURM (the uninterrupted reference, the resume after SIGKILL) use ``cli.main``
 in-process; the others are subprocesses.
 
+Also: a resume on latent shards whose global batch ``data.keep_global_batch`` cannot keep stops with one line.
+
 Setup: the tiny quickstart model, 100 faces in batches of 16 (6 batches per epoch, 4 faces dropped), N = 10 steps,
 so every run crosses the epoch boundary after step 6; checkpoints after every step; validation every 4 steps.
 """
@@ -44,6 +46,14 @@ data:
   init_args:
     batch_size: 16
     repeats: 1
+"""
+STEP_CHECKPOINTS = """
+trainer:
+  callbacks:  # a checkpoint after every step, mid-epoch (Lightning's train-end save would close the epoch)
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args:
+        every_n_train_steps: 1
+        save_last: true
 """
 PROBE = "--trainer.callbacks+=tests.e2e.probes.BatchProbe"
 SLURM_JOB = "4242"
@@ -191,3 +201,39 @@ def test_slurm_sigusr1_inside_a_step_then_requeued_run_is_exact(uninterrupted, t
     final, before, after, resume_step = slurm_preempt_and_requeue(tmp_path, pause="start:4")
     assert_batches_continue(before, after, reference_batches, resume_step)
     report("slurm sigusr1 inside a step", max_differences(final, reference))
+
+
+def test_shards_resume_that_cannot_keep_the_global_batch_stops_with_one_line(tmp_path, capsys):
+    """Through ``cli.main`` (in-process) on latent shards: 2 steps of batch 4, then a resume with ``data.batch_size=3``
+    and ``data.keep_global_batch``: no whole accumulation turns 3 into 4, so one ``error:`` line naming the fields
+    and exit 1, before any step. (Kept global batches: ``tests/e2e/test_ddp.py`` resumes a 2-process checkpoint on 1
+    process; ``tests/datamodules/test_webdataset_resume.py``.)"""
+    from tests.datamodules.conftest import write_shards
+    from tests.e2e.helpers import main_in_process
+
+    shards = write_shards(tmp_path / "shards", [8, 8, 8, 8], latent_shape=(4, 8, 8))
+    every_step = tmp_path / "every_step.yaml"
+    every_step.write_text(STEP_CHECKPOINTS)
+
+    def fit(runs: Path, batch: int, steps: int, *extra: str):
+        return main_in_process("fit", "--config", "tests/e2e/shards.yaml", "--config", str(every_step),
+                               "--data", "datamodules.WebDataModule",
+                               "--data.init_args.shards", str(Path(shards[0]).parent), "--data.init_args.latent_scale",
+                               "1", "--data.init_args.num_workers", "0", "--data.init_args.batch_size", str(batch),
+                               "--trainer.max_steps", str(steps), *extra, runs=runs)  # fmt: skip
+
+    fit(tmp_path / "runs", 4, 2)
+    checkpoint = tmp_path / "runs" / "shards" / "version_0" / "checkpoints" / "last.ckpt"
+    assert loader_state(load(checkpoint))["batches_done"] == 2  # mid-epoch
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        fit(tmp_path / "refused", 3, 3, "--data.init_args.keep_global_batch", "true", "--ckpt_path", str(checkpoint))
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert stop.value.code == 1 and "Traceback" not in err
+    assert errors == [
+        "error: data.keep_global_batch=true: the checkpoint's global batch 1 processes x data.batch_size 4 x "
+        "trainer.accumulate_grad_batches 1 = 4 is not a multiple of 1 processes x data.batch_size 3 = 3; choose a "
+        "data.batch_size (or process count) whose product divides it, or set data.keep_global_batch=false"
+    ]
+    assert not (tmp_path / "refused" / "shards" / "version_0" / "checkpoints").exists()  # no step ran

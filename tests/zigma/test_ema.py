@@ -40,11 +40,20 @@ def test_ema_warmup_decay_and_update_schedule():
     assert [s for s in range(15) if ema.should_update(s)] == [5, 8, 11, 14]
 
 
-def test_ema_copy_is_frozen_eval_and_in_state_dict():
+def test_ema_copy_runs_in_eval_mode_whatever_mode_it_is_held_in_and_is_in_state_dict():
     ema = EMA(toy(), decay=0.5)
-    ema.train()
-    assert not ema.network.training
-    assert {"network.0.weight", "num_updates"} <= set(ema.state_dict())
+    ema.network[1].running_mean.fill_(2.0)
+    ema.network[1].running_var.fill_(4.0)
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+    expected = ema.network.eval()(x)  # BatchNorm with its running statistics, which must not move
+    for mode in (True, False):
+        ema.train(mode)
+        assert all(m.training == mode for m in ema.network.modules())  # held like any submodule
+        torch.testing.assert_close(ema(x), expected, rtol=0, atol=0)
+        assert all(m.training == mode for m in ema.network.modules())  # restored after the call
+    torch.testing.assert_close(ema.network[1].running_mean, torch.full((4,), 2.0))
+    assert all(not p.requires_grad for p in ema.parameters())
+    assert {"network.0.weight", "network.1.running_mean", "num_updates"} <= set(ema.state_dict())
 
 
 def test_ema_rejects_bad_settings():

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zigma.mamba import MambaMixer
+from zigma.mamba import MambaMixer, causal_depthwise_conv
 from zigma.model import ZigMa
 
 MIXER_KEYS = {"in_proj.weight", "conv1d.weight", "conv1d.bias", "x_proj.weight", "dt_proj.weight", "dt_proj.bias",
@@ -76,3 +76,37 @@ def test_mixer_is_causal_along_its_sequence():
     h2[:, 7:] += 1.0
     torch.testing.assert_close(mixer(h)[:, :7], mixer(h2)[:, :7])
     assert not torch.allclose(mixer(h)[:, 7:], mixer(h2)[:, 7:])
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_cpu_causal_conv_equals_conv1d_values_and_gradients(bias):
+    """The CPU shift-add conv (issue 17) computes nn.Conv1d(E, E, K, groups=E, padding=K-1)[..., :L]."""
+    gen = torch.Generator().manual_seed(0)
+    conv = torch.nn.Conv1d(6, 6, 4, groups=6, padding=3, bias=bias)
+    x = torch.randn(2, 9, 6, generator=gen, requires_grad=True)  # (B, L, E)
+    grad = torch.randn(2, 9, 6, generator=gen)
+    reference = conv(x.transpose(1, 2))[..., :9].transpose(1, 2)
+    ref_grads = torch.autograd.grad(reference, [x, *conv.parameters()], grad)
+    out = causal_depthwise_conv(x, conv)
+    torch.testing.assert_close(out, reference, rtol=1e-6, atol=1e-6)
+    for got, want in zip(torch.autograd.grad(out, [x, *conv.parameters()], grad), ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_cpu_mixer_softplus_outside_the_scan_gives_the_scan_s_own_results(monkeypatch):
+    """On eager CPU the mixer applies softplus(Δ + bias) before the scan (issue 17); compiled, the scan does it:
+    the same output bit for bit, gradients equal up to rounding."""
+    torch.manual_seed(0)
+    mixer = MambaMixer(16, d_state=4)
+    h = torch.randn(2, 10, 16, requires_grad=True)
+
+    def run():
+        out = mixer(h)
+        return out, torch.autograd.grad(out.square().sum(), [h, *mixer.parameters()])
+
+    out, grads = run()
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # the path the scan's softplus takes
+    out_scan, grads_scan = run()
+    assert torch.equal(out, out_scan)
+    for got, want in zip(grads, grads_scan):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -15,7 +15,7 @@ from zigma_lightning.extras import missing_extra_message
 def test_help_lists_the_lightning_subcommands_and_the_tools(capsys):
     assert commands.main(["--help"]) == 0
     out = capsys.readouterr().out
-    for name in ("fit", "validate, test", "predict", "prepare", "reference-stats"):
+    for name in ("fit", "validate, test", "predict", "prepare", "reference-stats", "sample", "export"):
         assert f"\n  {name} " in out, out
 
 
@@ -39,7 +39,8 @@ def test_unknown_command_fails_in_one_line(capsys):
         commands.main(["trian"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == (
-        "error: unknown command 'trian'; choose one of fit, validate, test, predict, prepare, reference-stats\n"
+        "error: unknown command 'trian'; choose one of fit, validate, test, predict, prepare, reference-stats, "
+        "sample, export\n"
     )
 
 

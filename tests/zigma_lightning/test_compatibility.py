@@ -69,7 +69,7 @@ def test_the_cli_checks_the_latent_scale_the_data_states_after_the_manifest():
     calls = []
 
     class Data:
-        def yields(self):
+        def yields(self, stage=None):
             return DataYields("Latents", (4, 32, 32), None, 0, 0, vae_scale=0.5)
 
         def check_manifest(self, **facts):

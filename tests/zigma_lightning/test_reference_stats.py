@@ -11,7 +11,7 @@ from zigma.metrics.frechet import GaussianStats
 from zigma_lightning.reference_stats import main, reference_stats_from_argv
 
 
-def test_command_builds_stats_from_an_image_folder(tmp_path, monkeypatch):
+def test_command_builds_stats_from_an_image_folder(tmp_path, monkeypatch, capsys):
     from PIL import Image
 
     folder = tmp_path / "images"
@@ -48,6 +48,7 @@ def test_command_builds_stats_from_an_image_folder(tmp_path, monkeypatch):
     )
     stats = GaussianStats.load(out)
     assert seen == ["w.pth"] and stats.count == 4 and stats.dim == 6
+    assert capsys.readouterr().err == ""  # stderr is no terminal here: no progress bar lines in a log
     assert stats.meta == {
         "dataset": "images",
         "resolution": 16,

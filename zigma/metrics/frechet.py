@@ -3,6 +3,9 @@
 :class:`GaussianStats` keeps what torchmetrics' ``FrechetInceptionDistance`` keeps (reference ecosystem §2.1): a float64
 feature sum (d), a float64 outer-product sum (d, d) and a count, so memory does not grow with the number of samples.
 The Fréchet distance itself is torchmetrics' (``callbacks.evaluation`` loads these sums into its real side).
+Because the statistics are sums, disjoint shares of a set merge exactly (:meth:`GaussianStats.all_reduce` over
+``torch.distributed`` ranks sums them): the result is that of one pass over the whole set,
+up to float64 rounding. Reference statistics under DDP are computed that way (``zigma.metrics.reference``).
 
 Files are ``.npz`` with ``mu`` (d), ``sigma`` (d, d, unbiased), ``count`` and ``meta`` (a JSON object: dataset,
 resolution, count, extractor, antialias), so ``mu``/``sigma`` read like the reference files of pytorch-fid and ADM.
@@ -16,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from zigma.files import atomic_write
@@ -59,6 +63,25 @@ class GaussianStats:
         self.sum += x.sum(dim=0)
         self.outer += x.T @ x
         self.count += x.shape[0]
+        return self
+
+    def all_reduce(self, group: dist.ProcessGroup | None = None) -> GaussianStats:
+        """Replaces the sums and count by their sums over the ranks of ``group`` (every rank must call it; each then
+        holds the merged statistics); returns self. Without an initialised process group it does nothing.
+
+        One float64 all-reduce of [Σx (d), Σxxᵀ (d·d), n]: n is exact up to 2^53. NCCL reduces on this rank's
+        current CUDA device, other backends on the CPU; the sums then return to :attr:`device`.
+        """
+        if not (dist.is_available() and dist.is_initialized()):
+            return self
+        device = collective_device(group)
+        count = torch.tensor([float(self.count)], dtype=torch.float64, device=device)
+        packed = torch.cat([self.sum.to(device), self.outer.to(device).flatten(), count])
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+        d = self.dim
+        self.sum = packed[:d].to(self.device)
+        self.outer = packed[d : d + d * d].view(d, d).to(self.device)
+        self.count = int(packed[-1].item())
         return self
 
     def _need_two(self, side: str = "stats") -> None:
@@ -114,3 +137,10 @@ class GaussianStats:
         stats.sum = count * mu
         stats.outer = (count - 1) * sigma + count * torch.outer(mu, mu)
         return stats.to(device) if device is not None else stats
+
+
+def collective_device(group: dist.ProcessGroup | None = None) -> torch.device:
+    """Where tensors of a ``torch.distributed`` collective must live: this rank's CUDA device under NCCL, else CPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

@@ -14,7 +14,7 @@ def _stats(x: torch.Tensor, **meta) -> GaussianStats:
     return GaussianStats(x.shape[1], meta=meta).update(x)
 
 
-def test_mean_and_cov_equal_numpys_in_float64():  # kept from the removed merge test: cov against np.cov
+def test_mean_and_cov_equal_numpys_in_float64():
     x = torch.randn(48, 4)
     stats = _stats(x)
     torch.testing.assert_close(stats.mean, x.double().mean(0))
@@ -36,6 +36,13 @@ def test_save_load_round_trip_keeps_metadata_and_the_sums(tmp_path):
     with np.load(path) as data:  # readable without zigma: mu/sigma like pytorch-fid's files, plain-JSON metadata
         assert data["mu"].shape == (6,) and data["sigma"].shape == (6, 6)
         assert json.loads(str(data["meta"]))["dataset"] == "faces"
+
+
+def test_all_reduce_without_a_process_group_keeps_the_statistics():
+    stats = _stats(torch.randn(6, 3))
+    before = (stats.sum.clone(), stats.outer.clone(), stats.count)
+    assert stats.all_reduce() is stats
+    torch.testing.assert_close((stats.sum, stats.outer, stats.count), before, rtol=0, atol=0)
 
 
 def test_update_error_names_the_dimensions():
