@@ -34,7 +34,6 @@ import torch
 from zigma.conditions import class_labels, load_caption_features
 from zigma.sample_store import SampleStore, SampleStoreError, check_manifest, to_uint8_hwc
 from zigma_lightning.extras import missing_extra_message
-from zigma_lightning.sample_model import CheckpointError, load_sampling_module, weights_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +201,9 @@ def check_vae(module, vae_option: str | None) -> None:
 
 def prepare(args: argparse.Namespace) -> tuple[object, SamplePlan, dict]:
     """Load the module and check every input; returns (module, plan, manifest settings)."""
+    # imported here, not at the top: it imports Lightning (seconds), which `zigma sample --help` does not need
+    from zigma_lightning.sample_model import CheckpointError, load_sampling_module, weights_fingerprint
+
     for name in ("count", "batch_size", "devices", "num_nodes"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
