@@ -334,8 +334,3 @@ class EmbeddedDigitsDataModule(EmbeddedFacesDataModule):
     @property
     def reference_name(self) -> str:
         return f"sklearn-digits-{len(self.faces) if self.faces is not None else 1797}"
-
-    def reference_pixels(self, batch_size: int = 50) -> Iterator[torch.Tensor]:
-        """The 1,797 digits (1, S, S) in [-1, 1], in their stored order."""
-        self.setup()
-        yield from self.faces.split(batch_size)
