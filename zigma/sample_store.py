@@ -139,11 +139,15 @@ class SampleStore:
                     path.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------------------------------------ reading
-    def shards(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(index (n,), images) of each shard, one shard in memory at a time, in file-name order."""
+    def shards(self, below: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(index (n,), images) of each shard, one shard in memory at a time, in file-name order; ``below``: only
+        the shards holding an index < ``below`` (the others' images are never read: an ``.npz`` member loads when
+        asked for)."""
         for path in sorted(self.shard_dir.glob("*.npz")):
             with np.load(path) as data:
-                yield data["index"], data["arr_0"]
+                index = data["index"]
+                if below is None or (index < below).any():
+                    yield index, data["arr_0"]
 
     def _indices(self) -> Iterator[np.ndarray]:
         for path in sorted(self.shard_dir.glob("*.npz")):
@@ -155,7 +159,7 @@ class SampleStore:
         from torchvision.utils import make_grid, save_image
 
         kept: dict[int, np.ndarray] = {}
-        for index, images in self.shards():
+        for index, images in self.shards(below=limit):  # 64 samples: a few shards read, not all N
             kept.update({int(i): image for i, image in zip(index, images) if i < limit})
         if not kept:
             return None
