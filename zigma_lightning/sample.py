@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from zigma.conditions import class_labels, load_caption_features
+from zigma.metrics.progress import progress_bar
 from zigma.sample_store import SampleStore, SampleStoreError, check_manifest, to_uint8_hwc
 from zigma_lightning.extras import missing_extra_message
 
@@ -245,16 +246,13 @@ def make_shard(module, plan: SamplePlan, shard: int) -> tuple[torch.Tensor, np.n
 
 def sample_shards(module, plan: SamplePlan, store: SampleStore, rank: int = 0, world_size: int = 1) -> int:
     """Make and write this rank's shards that are not on disk yet; returns how many it made."""
-    from tqdm.auto import tqdm
-
     todo = [k for k in range(rank, plan.num_shards, world_size) if not store.has_shard(k * plan.batch_size)]
-    bar = tqdm(total=sum(len(plan.indices(k)) for k in todo), unit="sample", desc="sampling",
-               disable=None if rank == 0 else True)  # fmt: skip
-    for shard in todo:
-        indices, images = make_shard(module, plan, shard)
-        store.write(indices, images)
-        bar.update(len(indices))
-    bar.close()
+    total = sum(len(plan.indices(k)) for k in todo)
+    with progress_bar(total, "sampling", unit="sample", rank=rank, leave=True) as bar:
+        for shard in todo:
+            indices, images = make_shard(module, plan, shard)
+            store.write(indices, images)
+            bar.update(len(indices))
     return len(todo)
 
 
