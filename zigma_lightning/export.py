@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from zigma.checkpoint import save_pretrained
-from zigma_lightning.sample_model import CheckpointError, checkpoint_kind, inference_settings, load_sampling_module
+from zigma_lightning.sample_model import CheckpointError, inference_settings, load_sampling_module
 
 
 def export(checkpoint: str | Path, out: str | Path, weights: str = "ema") -> Path:
@@ -26,11 +26,7 @@ def export(checkpoint: str | Path, out: str | Path, weights: str = "ema") -> Pat
     Raises:
         CheckpointError, FileNotFoundError: one line (not a Lightning checkpoint, no EMA weights, ...).
     """
-    kind = checkpoint_kind(checkpoint)
-    if kind != "lightning":
-        raise CheckpointError(f"{checkpoint} is not a Lightning checkpoint of `zigma fit` (it looks like an "
-                              f"{'export directory' if kind == 'export' else 'upstream .pt'})")  # fmt: skip
-    module = load_sampling_module(checkpoint, weights=weights)
+    module = load_sampling_module(checkpoint, weights=weights, lightning_only=True)
     return save_pretrained(module.ema.network, out, flow=inference_settings(module))
 
 

@@ -42,28 +42,30 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be sampled or exported as asked; one line."""
 
 
-def checkpoint_kind(source: str | Path) -> str:
-    """``"export"`` (a directory with config.json + model.safetensors), ``"lightning"`` (a file with ``state_dict``
-    and ``hyper_parameters``) or ``"upstream"`` (any other file)."""
+def open_checkpoint(source: str | Path) -> tuple[str, dict[str, Any] | None]:
+    """(kind, checkpoint): ``("export", None)`` for a directory with config.json + model.safetensors,
+    ``("lightning", dict)`` for a file with ``state_dict`` and ``hyper_parameters`` (loaded memory-mapped, once), and
+    ``("upstream", None)`` for any other file."""
     path = Path(source)
     if path.is_dir():
         missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (path / n).is_file()]
         if missing:
             raise CheckpointError(f"{path} is a directory without {' and '.join(missing)}: expected a `zigma export` "
                                   "directory, a Lightning .ckpt or an upstream .pt")  # fmt: skip
-        return "export"
+        return "export", None
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (a Lightning .ckpt, a `zigma export` directory or an upstream .pt)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (pickle.UnpicklingError, RuntimeError, ValueError):
-        return "upstream"  # pickles objects (upstream's OmegaConf config), or not a zip archive
-    return "lightning" if isinstance(ckpt, dict) and "state_dict" in ckpt and "hyper_parameters" in ckpt else "upstream"
+        return "upstream", None  # pickles objects (upstream's OmegaConf config), or not a zip archive
+    if isinstance(ckpt, dict) and "state_dict" in ckpt and "hyper_parameters" in ckpt:
+        return "lightning", ckpt
+    return "upstream", None
 
 
-def lightning_state(path: str | Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
+def lightning_state(ckpt: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
     """(module hyper-parameters this version knows, recorded backbone config, state dict) of a Lightning ckpt."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     known = inspect.signature(FlowMatchingModule.__init__).parameters
     hparams = {k: v for k, v in dict(ckpt["hyper_parameters"]).items() if k in known and k != "self"}
     recorded = dict((ckpt.get("zigma") or {}).get("config") or {})
@@ -98,17 +100,21 @@ def weights_fingerprint(network: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def load_sampling_module(source: str | Path, *, weights: str = "ema", vae: str | None = None) -> FlowMatchingModule:
+def load_sampling_module(source: str | Path, *, weights: str = "ema", vae: str | None = None,
+                         lightning_only: bool = False) -> FlowMatchingModule:  # fmt: skip
     """A ``FlowMatchingModule`` (eval mode, CPU) sampling with the chosen weights of ``source``; ``vae`` replaces the
-    checkpoint's VAE setting (loaded on first use).
+    checkpoint's VAE setting (loaded on first use); ``lightning_only``: refuse an export or upstream file.
 
     Raises:
         CheckpointError, FileNotFoundError, KeyError: one line naming the checkpoint.
     """
-    kind = checkpoint_kind(source)
+    kind, ckpt = open_checkpoint(source)
+    if lightning_only and kind != "lightning":
+        raise CheckpointError(f"{source} is not a Lightning checkpoint of `zigma fit` (it looks like an "
+                              f"{'export directory' if kind == 'export' else 'upstream .pt'})")  # fmt: skip
     settings: dict[str, Any]
     if kind == "lightning":
-        hparams, recorded, state = lightning_state(source)
+        hparams, recorded, state = lightning_state(ckpt)
         net = {**(hparams.pop("net", None) or {}), **recorded}
         settings, network_state = hparams, network_weights(state, weights, source)
     elif kind == "export":
