@@ -17,6 +17,7 @@ all ``model`` settings with the saved ones), and refuses ``predict``/``validate`
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import sys
@@ -242,11 +243,10 @@ def console_callbacks(trainer_config: dict) -> list | None:
     :class:`~callbacks.console.StepLimitedRichProgressBar` ("Epoch 6", not "Epoch 6/-2", on step-limited runs).
     None: nothing to add (no progress bar, one configured, or ``rich`` missing, where Lightning uses tqdm)."""
     from lightning.pytorch.callbacks.progress import ProgressBar
-    from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 
     configured = trainer_config.get("callbacks") or []
     configured = list(configured) if isinstance(configured, list) else [configured]
-    if trainer_config.get("enable_progress_bar") is False or not _RICH_AVAILABLE:
+    if trainer_config.get("enable_progress_bar") is False or importlib.util.find_spec("rich") is None:
         return None
     if any(isinstance(cb, ProgressBar) for cb in configured):
         return None
