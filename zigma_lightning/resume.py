@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
+from zigma.files import atomic_write
 from zigma_lightning.checkpoint_io import CorruptCheckpointError, verify_checkpoint
 from zigma_lightning.errors import ConfigError
 
@@ -117,6 +119,21 @@ def setup_slurm_run(cfg: Any) -> None:
             cfg["ckpt_path"] = str(found)
 
 
+def refresh_stale_last(found: Path) -> None:
+    """Make ``last.ckpt`` beside ``found`` a copy of it (atomically) when it is older than ``found``.
+
+    A kill between a step checkpoint and the ``last.ckpt`` write after it (``ModelCheckpoint(save_last=True)``
+    writes them in that order) leaves ``last.ckpt`` one save behind. The resumed fit starts from ``found``, the newer
+    file; when ``found`` is already at ``max_steps`` the fit ends without saving again, and ``last.ckpt`` would stay
+    behind the run's final weights for good. Only an existing ``last.ckpt`` (``save_last`` in use) is replaced."""
+    last = found.parent / "last.ckpt"
+    if found.name == last.name or not last.is_file() or last.stat().st_mtime >= found.stat().st_mtime:
+        return
+    with open(found, "rb") as src, atomic_write(last) as dst:
+        shutil.copyfileobj(src, dst, 1 << 24)
+    log.info("ckpt_path=last: %s was older than %s; replaced by a copy of it", last, found.name)
+
+
 def resolve_last(sub: str, cfg: Any) -> None:
     """``ckpt_path=last`` -> the newest intact checkpoint under the logger's directory, continuing its TensorBoard run
     (``fit`` without one starts from scratch; the other subcommands refuse). ``cfg`` is updated in place."""
@@ -131,6 +148,8 @@ def resolve_last(sub: str, cfg: Any) -> None:
         cfg["ckpt_path"] = None
         return
     cfg["ckpt_path"] = str(found)
+    if sub == "fit":
+        refresh_stale_last(found)
     run_dir = found.parent.parent if found.parent.name == "checkpoints" else found.parent
     if dirs and run_dir != root:
         dirs[1]["version"] = run_dir.name  # continue the same TensorBoard run

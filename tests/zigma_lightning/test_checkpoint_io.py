@@ -171,6 +171,26 @@ def test_find_resume_checkpoint_skips_in_place_corruption_with_one_line_each(tmp
     ]
 
 
+def test_a_last_ckpt_older_than_the_resumed_checkpoint_becomes_its_copy_and_a_newer_one_is_kept(tmp_path):
+    """A kill between step000003.ckpt and the last.ckpt write after it leaves last.ckpt at step 2: resuming from
+    step 3 replaces it by a copy of step 3 (a fit resumed at max_steps saves nothing more); a damaged newer last.ckpt,
+    skipped by the search, is left alone, and without a last.ckpt (no save_last) none is made."""
+    ckpts = tmp_path / "version_0/checkpoints"
+    for step, name in ((2, "last.ckpt"), (3, "step000003.ckpt")):
+        atomic_torch_save(lightning_like(step=step), ckpts / name)
+        os.utime(ckpts / name, (1000 + step, 1000 + step))
+    resume.refresh_stale_last(ckpts / "step000003.ckpt")
+    assert (ckpts / "last.ckpt").read_bytes() == (ckpts / "step000003.ckpt").read_bytes()
+    os.utime(ckpts / "last.ckpt", (2000, 2000))
+    corrupt_in_place(ckpts / "last.ckpt", "pickle", random.Random(0))
+    damaged = (ckpts / "last.ckpt").read_bytes()
+    resume.refresh_stale_last(ckpts / "step000003.ckpt")
+    assert (ckpts / "last.ckpt").read_bytes() == damaged
+    (ckpts / "last.ckpt").unlink()
+    resume.refresh_stale_last(ckpts / "step000003.ckpt")
+    assert not (ckpts / "last.ckpt").exists()
+
+
 def test_a_checkpoint_that_cannot_be_read_is_called_unreadable(tmp_path, monkeypatch, caplog):
     path = tmp_path / "checkpoints" / "last.ckpt"
     atomic_torch_save(lightning_like(), path)
