@@ -169,7 +169,7 @@ def digit_accuracy(run: Path, per_class: int, scales: list[float]) -> tuple[list
     return rows, ceiling
 
 
-def digits_figure(module, path: Path, guidance: float, per_class: int = 10, scale: int = 3) -> None:
+def digits_figure(module, path: Path, guidance: float, per_class: int = 10, scale: int = 4) -> None:
     """One row per digit 0..9, ``per_class`` samples each, at guidance ``guidance``."""
     from PIL import Image
     from torchvision.transforms.functional import to_pil_image
@@ -240,7 +240,7 @@ def main() -> None:
         if args.save_grid:
             final = load_module(checkpoints(runs[-1][1]["run"])[-1][1])
             if digits:
-                digits_figure(final, args.save_grid, guidance=max(args.guidance))
+                digits_figure(final, args.save_grid, guidance=final.hparams.guidance_scale)  # the config's scale
             else:
                 from datamodules.embedded import load_lfw_faces
 

@@ -59,16 +59,18 @@ def load_lfw_faces(image_size: int = 32) -> torch.Tensor:
     return (faces.clamp(0, 1) * 2 - 1).contiguous()
 
 
-def load_digits(image_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+def load_digits(image_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's 1,797 handwritten digits: (1797, 1, image_size, image_size) float32 in [-1, 1] (the 8x8
-    images, 0..16, resized bilinearly) and their labels (1797,) int64 in 0..9."""
+    images, 0..16 -> v/8 - 1; exact at the native 8, else resized bilinearly) and their labels (1797,) int64 in
+    0..9."""
     from sklearn.datasets import load_digits as sklearn_digits
 
     digits = sklearn_digits()
     images = torch.from_numpy(digits.images).float().div(16).unsqueeze(1)  # (1797, 1, 8, 8) in [0, 1]
-    images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False,
-                           antialias=image_size < 8)  # fmt: skip
-    return (images.clamp(0, 1) * 2 - 1).contiguous(), torch.from_numpy(digits.target).long()
+    if image_size != images.shape[-1]:
+        images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False,
+                               antialias=image_size < 8).clamp(0, 1)  # fmt: skip
+    return (images * 2 - 1).contiguous(), torch.from_numpy(digits.target).long()
 
 
 def epoch_order(num_items: int, seed: int, epoch: int) -> np.ndarray:
@@ -302,7 +304,7 @@ class EmbeddedDigitsDataModule(EmbeddedFacesDataModule):
 
     def __init__(
         self,
-        image_size: int = 16,
+        image_size: int = 8,
         batch_size: int = 32,
         val_batch_size: int = 100,
         repeats: int = 1,

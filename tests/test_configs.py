@@ -186,7 +186,7 @@ def test_experiment_instantiates_a_model_that_fits_its_data(experiment, tmp_path
 def test_the_digits_quickstart_instantiates_a_conditional_model_that_fits_its_data(monkeypatch):
     cfg = parse("quickstart_digits.yaml")
     model, data = instantiate(cfg, monkeypatch)
-    assert tuple(model.sample_shape) == tuple(data.sample_shape) == (1, 16, 16)
+    assert tuple(model.sample_shape) == tuple(data.sample_shape) == (1, 8, 8)
     assert model.model.num_classes == data.num_classes == 10 and model.model.has_null_condition
     assert model.hparams.guidance_scale > 1
     grid = next(c for c in cfg.trainer.callbacks if c.class_path == "callbacks.SampleGridLogger").init_args

@@ -247,18 +247,23 @@ def test_reference_pixels_are_the_100_faces_in_stored_order():
 
 
 def test_digits_yield_labelled_images_in_range_in_the_epoch_order():
+    from sklearn.datasets import load_digits as sklearn_digits
+
     from datamodules.embedded import EmbeddedDigitsDataModule, load_digits
 
-    dm = EmbeddedDigitsDataModule(image_size=16, batch_size=10, seed=5)
+    dm = EmbeddedDigitsDataModule(batch_size=10, seed=5)
     dm.setup()
     dm.trainer = SimpleNamespace(global_rank=0, world_size=1)
-    assert dm.yields().num_classes == 10 and dm.sample_shape == (1, 16, 16)
+    assert dm.yields().num_classes == 10 and dm.sample_shape == (1, 8, 8)  # native size by default
     batch = next(iter(dm.train_dataloader()))
-    images, labels = load_digits(16)
-    assert images.shape == (1797, 1, 16, 16) and labels.tolist()[:3] == [0, 1, 2]
-    assert images.min() == -1 and images.max() == 1  # 0 and 16 in the 8x8 originals map to -1 and 1
+    images, labels = load_digits()
+    assert images.shape == (1797, 1, 8, 8) and labels.tolist()[:3] == [0, 1, 2]
+    exact = torch.from_numpy(sklearn_digits().images).float().unsqueeze(1) / 8 - 1  # 0..16 -> -1..1, no resampling
+    torch.testing.assert_close(images, exact, rtol=0, atol=0)
+    larger, _ = load_digits(16)
+    assert larger.shape == (1797, 1, 16, 16) and larger.min() == -1 and larger.max() == 1
     order = epoch_order(1797, seed=5, epoch=0)[:10]
     torch.testing.assert_close(batch["x"], images[order], rtol=0, atol=0)  # no flips: a mirrored digit is no digit
     assert batch["y"].dtype == torch.int64 and batch["y"].tolist() == labels[order].tolist()
     val = next(iter(dm.val_dataloader()))
-    assert val["x"].shape == (100, 1, 16, 16) and val["y"].tolist() == labels[:100].tolist()
+    assert val["x"].shape == (100, 1, 8, 8) and val["y"].tolist() == labels[:100].tolist()
