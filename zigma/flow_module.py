@@ -130,6 +130,8 @@ class FlowMatchingModule(L.LightningModule):
         net: ZigMa constructor arguments (override ``preset``'s).
         preset: a name from ``zigma.PRESETS`` (e.g. ``zigzag8_b1_pe2``).
         path_type, prediction, loss_weight, train_eps, sample_eps: the transport (``zigma.transport``).
+        time_distribution, logit_normal_mean, logit_normal_std: how training times are drawn: ``uniform`` (SiT) or
+            ``logit_normal`` (SD3: t = sigmoid(m + s n), more training at mid noise levels).
         lr, weight_decay, betas, adam_eps: AdamW (parameter groups: no decay on A_log, D, norms, biases, embeddings).
         warmup_steps, lr_schedule, min_lr_ratio: linear warm-up, then constant or cosine to ``min_lr_ratio``·lr over
             the run's optimizer steps.
@@ -159,6 +161,9 @@ class FlowMatchingModule(L.LightningModule):
         loss_weight: str | None = None,
         train_eps: float | None = None,
         sample_eps: float | None = None,
+        time_distribution: str = "uniform",
+        logit_normal_mean: float = 0.0,
+        logit_normal_std: float = 1.0,
         lr: float = 1e-4,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -205,7 +210,8 @@ class FlowMatchingModule(L.LightningModule):
             raise ValueError(f"model.sample_mode must be 'ode' or 'sde'; got {sample_mode!r}")
         self.model = build_backbone(net, preset, cond_dropout_prob)
         self.ema = EMA(self.model, ema_decay, ema_warmup, ema_update_every, ema_start_step)
-        self.transport = create_transport(path_type, prediction, loss_weight, train_eps, sample_eps)
+        self.transport = create_transport(path_type, prediction, loss_weight, train_eps, sample_eps,
+                                          time_distribution, logit_normal_mean, logit_normal_std)  # fmt: skip
         self.sampler = Sampler(self.transport)
         self._sample_fn = self._make_sampler(sample_mode, sample_method, sample_steps)  # validates the names now
         if guidance_scale != 1.0 and not self.model.has_null_condition:

@@ -36,6 +36,7 @@ __all__ = [
     "Path",
     "PathType",
     "Prediction",
+    "TimeDistribution",
     "Transport",
     "VPPath",
     "create_transport",
@@ -68,6 +69,16 @@ class LossWeight(Enum):
     NONE = "none"  # 1
     VELOCITY = "velocity"  # (g2_t / sigma_t)^2
     LIKELIHOOD = "likelihood"  # g2_t / sigma_t^2
+
+
+class TimeDistribution(Enum):
+    """How training times are drawn on the training interval [t0, t1] (``Transport.sample_time``)."""
+
+    UNIFORM = "uniform"  # u ~ U[0, 1] (SiT)
+    # u = sigmoid(m + s n), n ~ N(0, 1): Esser et al. 2024 (SD3, arXiv 2403.03206, Eq. 19), whose "lognorm(0, 1)" was
+    # their best rectified-flow choice; with m = 0 it is symmetric about t = 1/2, so SD3's reversed time (t = 0 is
+    # data there) gives the same draws; a positive m puts more training near the data end (t = 1) here
+    LOGIT_NORMAL = "logit_normal"
 
 
 def mean_flat(x: Tensor) -> Tensor:
@@ -107,6 +118,8 @@ class Transport:
         loss_weight: weighting of the score/noise losses; must be ``LossWeight.NONE`` for velocity prediction.
         train_eps: margin kept away from the singular ends of [0, 1] when training (see ``check_interval``).
         sample_eps: the same margin for sampling and likelihood.
+        time_distribution: how ``sample_time`` draws training times on the training interval.
+        logit_normal_mean, logit_normal_std: m and s of ``TimeDistribution.LOGIT_NORMAL`` (SD3: 0 and 1).
     """
 
     def __init__(
@@ -117,7 +130,14 @@ class Transport:
         loss_weight: LossWeight,
         train_eps: float,
         sample_eps: float,
+        time_distribution: TimeDistribution = TimeDistribution.UNIFORM,
+        logit_normal_mean: float = 0.0,
+        logit_normal_std: float = 1.0,
     ):
+        if not (isinstance(logit_normal_mean, (int, float)) and math.isfinite(logit_normal_mean)):
+            raise ValueError(f"logit_normal_mean={logit_normal_mean!r} must be a finite number")
+        if not (isinstance(logit_normal_std, (int, float)) and 0 < logit_normal_std < math.inf):
+            raise ValueError(f"logit_normal_std={logit_normal_std!r} must be a number > 0")
         for name, eps in (("train_eps", train_eps), ("sample_eps", sample_eps)):
             if not (isinstance(eps, (int, float)) and 0 <= eps < 0.5):
                 raise ValueError(f"{name}={eps!r} must be a number in [0, 0.5)")
@@ -131,13 +151,22 @@ class Transport:
         self.loss_weight = loss_weight
         self.train_eps = float(train_eps)
         self.sample_eps = float(sample_eps)
+        self.time_distribution = time_distribution
+        self.logit_normal_mean = float(logit_normal_mean)
+        self.logit_normal_std = float(logit_normal_std)
         self.path: Path = _PATHS[path_type]()
 
     def __repr__(self) -> str:
         return (
             f"Transport(path_type={self.path_type.value!r}, prediction={self.prediction.value!r}, "
-            f"loss_weight={self.loss_weight.value!r}, train_eps={self.train_eps}, sample_eps={self.sample_eps})"
+            f"loss_weight={self.loss_weight.value!r}, train_eps={self.train_eps}, sample_eps={self.sample_eps}, "
+            f"time_distribution={self.time_distribution.value!r}{self._logit_normal_repr()})"
         )
+
+    def _logit_normal_repr(self) -> str:
+        if self.time_distribution is not TimeDistribution.LOGIT_NORMAL:
+            return ""
+        return f", logit_normal_mean={self.logit_normal_mean}, logit_normal_std={self.logit_normal_std}"
 
     def check_interval(
         self,
@@ -186,9 +215,15 @@ class Transport:
         dtype: torch.dtype = torch.float32,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """Training times t ~ U[t0, t1] with the training interval of ``check_interval``; (batch_size,) in ``dtype``."""
+        """Training times t = t0 + u (t1 - t0) on the training interval [t0, t1] of ``check_interval``, with
+        u ~ U[0, 1] or, for ``TimeDistribution.LOGIT_NORMAL``, u = sigmoid(m + s n), n ~ N(0, 1); (batch_size,) in
+        ``dtype``."""
         t0, t1 = self.check_interval()
-        u = torch.rand(batch_size, device=device, dtype=dtype, generator=generator)
+        if self.time_distribution is TimeDistribution.LOGIT_NORMAL:
+            n = torch.randn(batch_size, device=device, dtype=dtype, generator=generator)
+            u = torch.sigmoid(n * self.logit_normal_std + self.logit_normal_mean)
+        else:
+            u = torch.rand(batch_size, device=device, dtype=dtype, generator=generator)
         return u * (t1 - t0) + t0
 
     def prior_logp(self, z: Tensor) -> Tensor:
@@ -282,6 +317,9 @@ def create_transport(
     loss_weight: LossWeight | str | None = None,
     train_eps: float | None = None,
     sample_eps: float | None = None,
+    time_distribution: TimeDistribution | str = "uniform",
+    logit_normal_mean: float = 0.0,
+    logit_normal_std: float = 1.0,
 ) -> Transport:
     """Build a ``Transport`` from user strings (SiT ``create_transport``, without its silent fallbacks).
 
@@ -292,10 +330,11 @@ def create_transport(
         train_eps, sample_eps: margins of ``Transport.check_interval``; each None takes ``default_eps``. Unlike
             SiT, values given here are always honoured (SiT resets them to 0 for Linear/GVP velocity and reads
             sample_eps's default from train_eps).
+        time_distribution: "uniform" (SiT) or "logit_normal" (SD3), with ``logit_normal_mean`` and ``_std``.
     Returns: the Transport.
     Raises:
-        ValueError: for an unknown name (listing the allowed values), a loss weight with velocity prediction, or an
-            eps outside [0, 0.5).
+        ValueError: for an unknown name (listing the allowed values), a loss weight with velocity prediction, an
+            eps outside [0, 0.5), or a logit-normal std <= 0.
     """
     path = parse_choice(PathType, path_type, argument="path_type")
     pred = parse_choice(Prediction, prediction, argument="prediction")
@@ -307,4 +346,7 @@ def create_transport(
         loss_weight=weight,
         train_eps=default_train if train_eps is None else train_eps,
         sample_eps=default_sample if sample_eps is None else sample_eps,
+        time_distribution=parse_choice(TimeDistribution, time_distribution, argument="time_distribution"),
+        logit_normal_mean=logit_normal_mean,
+        logit_normal_std=logit_normal_std,
     )

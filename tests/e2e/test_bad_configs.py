@@ -58,6 +58,11 @@ BAD = [
     ("ema_update_every", ["--model.ema_update_every", "0"], "update_every"),
     ("warmup", ["--model.warmup_steps", "-1"], "model.warmup_steps"),
     ("train_eps", ["--model.train_eps", "0.7"], "eps"),
+    (
+        "time_distribution",
+        ["--model.time_distribution", "normal"],
+        "time_distribution='normal' is not a valid TimeDistribution; allowed values: 'uniform', 'logit_normal'",
+    ),
     ("max_nonfinite", ["--model.max_nonfinite_steps", "0"], "max_nonfinite_steps"),
     ("image_size", ["--data.init_args.image_size", "0"], "data.image_size"),
     ("batch_size", ["--data.init_args.batch_size", "0"], "data.batch_size"),

@@ -130,6 +130,9 @@ def test_create_transport_accepts_any_case_and_enums(kwargs, expected):
         ({"train_eps": -1e-3}, "train_eps"),
         ({"sample_eps": 0.5}, "sample_eps"),
         ({"path_type": 3}, "path_type=3"),
+        ({"time_distribution": "normal"}, r"time_distribution='normal'.*'uniform', 'logit_normal'"),
+        ({"time_distribution": "logit_normal", "logit_normal_std": 0.0}, "logit_normal_std=0.0 must be a number > 0"),
+        ({"logit_normal_mean": float("nan")}, "logit_normal_mean=nan must be a finite number"),
     ],
 )
 def test_create_transport_rejects_bad_input(kwargs, match):
@@ -289,6 +292,28 @@ def test_sample_time_is_uniform_on_the_training_interval(path_type, prediction):
     assert abs(t.mean().item() - (t0 + t1) / 2) < 5 * (t1 - t0) / math.sqrt(12 * 100_000)
     again = transport.sample_time(100_000, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(t, again)
+
+
+@pytest.mark.parametrize(("mean", "std"), [(0.0, 1.0), (0.5, 0.6)])
+def test_logit_normal_times_have_the_asked_logit_mean_and_std(mean, std):
+    transport = create_transport("Linear", "velocity", time_distribution="logit_normal", logit_normal_mean=mean,
+                                 logit_normal_std=std)  # fmt: skip
+    assert transport.check_interval() == (0.0, 1.0)
+    t = transport.sample_time(100_000, generator=torch.Generator().manual_seed(0))
+    assert t.shape == (100_000,) and t.dtype == torch.float32 and 0 < t.min() and t.max() < 1
+    logit = torch.logit(t.double())
+    assert abs(logit.mean().item() - mean) < 5 * std / math.sqrt(100_000)  # 5 standard errors
+    assert logit.std().item() == pytest.approx(std, rel=0.02)
+    assert t.median().item() == pytest.approx(1 / (1 + math.exp(-mean)), abs=0.01)  # sigmoid(m): the median time
+    torch.testing.assert_close(t, transport.sample_time(100_000, generator=torch.Generator().manual_seed(0)))
+
+
+def test_logit_normal_times_stay_on_a_narrowed_training_interval():
+    transport = create_transport("VP", "score", time_distribution="logit-normal")  # spellings as parse_choice's
+    t0, t1 = transport.check_interval()
+    assert t0 > 0 or t1 < 1
+    t = transport.sample_time(10_000, generator=torch.Generator().manual_seed(0))
+    assert t.min() >= t0 and t.max() <= t1 and "logit_normal" in repr(transport)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
