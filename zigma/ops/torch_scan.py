@@ -6,16 +6,21 @@ Same contract and formulas as :mod:`zigma.ops.reference`. What differs is how th
   is one contiguous ``(B, N, D)`` slab, so the recurrence ``h_t = dA_t ⊙ h_{t-1} + x_t`` is a single in-place
   ``addcmul_`` per step with no autograd graph, and the contractions over ``N`` are batched matmuls.
 * **Blocks along L.** ``exp(Δ'⊗A)`` and ``(Δ'u)⊗B`` are materialised only for ``L_blk`` steps at a time
-  (sized to stay cache-resident), never for the whole ``(B, D, L, N)`` volume.
-* **Recompute instead of store.** Forward keeps only the block-start states ``(n_blocks, B, N, D)`` and the
-  pre-gate output ``y``; backward re-runs each block from its start state, then runs the adjoint recurrence
-  backwards in time:
+  (sized to stay cache-resident); the whole ``(L, B, N, D)`` volume is held only where it is kept (next point).
+* **Recompute instead of store, unless the volume is small.** Forward keeps the block-start states
+  ``(n_blocks, B, N, D)`` and the pre-gate output ``y``; backward re-runs each block from its start state, then runs
+  the adjoint recurrence backwards in time (below). On the CPU path, when a backward will follow and the volume
+  ``L·B·N·D`` is at most ``_KEEP_STATES_ELEMENTS`` (8 M elements: 2 x 32 MiB in fp32 per scan, held from its forward
+  to its backward), forward instead keeps dA = exp(Δ'⊗A) and h of every step, written block by block as they are
+  computed, and backward reads them instead of re-running the blocks (bit-identical gradients, about a third less
+  scan time at the quickstart's sizes: ``benchmarks/RESULTS.md``, issue 17). Larger volumes, inference and the
+  chunk-parallel path recompute:
 
       dh_t  = C_t ⊗ dy_t + dA_{t+1} ⊙ dh_{t+1}
       dC_t  = Σ_d dy_t[d] h_t[:, d]           d(Δ'u)_t = Σ_n dh_t[n] B_t[n]      dB_t = Σ_d dh_t[:, d] (Δ'u)_t[d]
       g_t   = dh_t ⊙ dA_t ⊙ h_{t-1}           dΔ'_t   += Σ_n g_t[n] A[n]          dA    = Σ_{t,b} g_t ⊙ Δ'_t
 
-  so peak memory is O(B·L·D + B·L_blk·D·N) instead of O(B·L·D·N).
+  so peak memory is O(B·L·D + B·L_blk·D·N) instead of O(B·L·D·N) (with kept states, O(B·L·D·N) up to the limit).
 * **Two ways to run a block, chosen by device.** On CPU the recurrence inside a block is a Python loop of in-place
   ``addcmul_`` over cache-resident ``(B, N, D)`` slabs, with blocks sized by ``_BLOCK_ELEMENTS`` (fastest there:
   ``benchmarks/scan_cpu.py``). Elsewhere (CUDA) that sizing would shrink blocks to one step at training batch sizes
