@@ -12,9 +12,9 @@ Same contract and formulas as :mod:`zigma.ops.reference`. What differs is how th
   the adjoint recurrence backwards in time (below). On the CPU path, when a backward will follow and the volume
   ``L·B·N·D`` is at most ``_KEEP_STATES_ELEMENTS`` (8 M elements: 2 x 32 MiB in fp32 per scan, held from its forward
   to its backward), forward instead keeps dA = exp(Δ'⊗A) and h of every step, written block by block as they are
-  computed, and backward reads them instead of re-running the blocks (bit-identical gradients, about a third less
-  scan time at the quickstart's sizes: ``benchmarks/RESULTS.md``, issue 17). Larger volumes, inference and the
-  chunk-parallel path recompute:
+  computed, and backward reads them instead of re-running the blocks (bit-identical gradients; with the other
+  backward changes of issue 17, a quickstart training step takes 1.34x less CPU: ``benchmarks/RESULTS.md``).
+  Larger volumes, inference and the chunk-parallel path recompute:
 
       dh_t  = C_t ⊗ dy_t + dA_{t+1} ⊙ dh_{t+1}
       dC_t  = Σ_d dy_t[d] h_t[:, d]           d(Δ'u)_t = Σ_n dh_t[n] B_t[n]      dB_t = Σ_d dh_t[:, d] (Δ'u)_t[d]
