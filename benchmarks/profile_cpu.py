@@ -25,8 +25,9 @@ this script (``record_function`` wrappers on instances and a few Lightning metho
 
 Compare (``--baseline DIR``): the same fit without the profiler, alternately in the baseline tree ``DIR`` (e.g. an
 export of main: ``git archive main | tar -x -C /tmp/main``) and in this tree, ``--rounds`` times each, each run a fresh
-subprocess; reports median steps/s (wall) and process CPU seconds per step (``time.process_time``, all threads: less
-sensitive to other load on a shared machine than wall time), and the ratios.
+subprocess; reports median steps/s (wall), process CPU seconds per step (``time.process_time``, all threads: less
+sensitive to other load on a shared machine than wall time) and the worker's peak RSS (``ru_maxrss``), and the ratios.
+``--baseline`` may be repeated (e.g. two commits of main): all trees run interleaved, round by round.
 
     python benchmarks/profile_cpu.py                                   # profile table (~1 min on 2 cores)
     python benchmarks/profile_cpu.py --baseline /tmp/main --rounds 3   # steps/s against main
@@ -42,6 +43,7 @@ import functools
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -265,7 +267,9 @@ def _git_commit(root: Path = THIS_ROOT) -> str:
 
 def worker(args) -> None:
     window, _ = fit_window(args, profile=False)
-    print("RESULT " + json.dumps({"wall": window.wall, "cpu": window.cpu, "steps": window.steps}), flush=True)
+    peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    result = {"wall": window.wall, "cpu": window.cpu, "steps": window.steps, "peak_rss_mib": peak_rss_mib}
+    print("RESULT " + json.dumps(result), flush=True)
 
 
 def run_worker(args, root: Path) -> dict:
@@ -281,7 +285,9 @@ def run_worker(args, root: Path) -> dict:
 
 
 def compare(args) -> str:
-    trees = {"baseline": Path(args.baseline).resolve(), "this tree": Path(args.tree).resolve()}
+    baselines = [Path(b).resolve() for b in args.baseline]
+    names = ["baseline"] if len(baselines) == 1 else [f"baseline {i + 1}" for i in range(len(baselines))]
+    trees = {**dict(zip(names, baselines)), "this tree": Path(args.tree).resolve()}
     results = {name: [] for name in trees}
     for _ in range(args.rounds):  # interleaved, so slow phases of a shared machine hit both alike
         for name, root in trees.items():
@@ -293,20 +299,26 @@ def compare(args) -> str:
         f"# benchmarks/profile_cpu.py --baseline: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
         f"{os.cpu_count()} CPUs; quickstart model, batch {args.batch}, {args.steps} steps after {args.warmup} "
         f"warm-up, {args.rounds} interleaved rounds (medians; fresh process each)",
-        f"# baseline {trees['baseline']} vs this tree {trees['this tree']} (commit {_git_commit()})",
+        *(f"# {name}: {root}" for name, root in trees.items()),
+        f"# this tree's commit: {_git_commit(trees['this tree'])}",
         "",
-        "| tree | steps/s (wall) | ms CPU / step (process) | runs steps/s |",
-        "|---|---:|---:|---|",
+        "| tree | steps/s (wall) | ms CPU / step (process) | peak RSS MiB | runs steps/s | runs ms CPU / step |",
+        "|---|---:|---:|---:|---|---|",
     ]
     medians = {}
     for name, runs in results.items():
         rate = statistics.median(r["steps"] / r["wall"] for r in runs)
         cpu = statistics.median(r["cpu"] / r["steps"] * 1e3 for r in runs)
+        rss = statistics.median(r.get("peak_rss_mib", float("nan")) for r in runs)
         medians[name] = (rate, cpu)
         each = ", ".join(f"{r['steps'] / r['wall']:.2f}" for r in runs)
-        lines.append(f"| {name} | {rate:.2f} | {cpu:.0f} | {each} |")
-    (b_rate, b_cpu), (t_rate, t_cpu) = medians["baseline"], medians["this tree"]
-    lines.append(f"| **ratio** | **{t_rate / b_rate:.2f}x** | **{b_cpu / t_cpu:.2f}x less** | |")
+        each_cpu = ", ".join(f"{r['cpu'] / r['steps'] * 1e3:.0f}" for r in runs)
+        lines.append(f"| {name} | {rate:.2f} | {cpu:.0f} | {rss:.0f} | {each} | {each_cpu} |")
+    t_rate, t_cpu = medians["this tree"]
+    for name in names:
+        b_rate, b_cpu = medians[name]
+        label = "ratio" if len(names) == 1 else f"ratio to {name}"
+        lines.append(f"| **{label}** | **{t_rate / b_rate:.2f}x** | **{b_cpu / t_cpu:.2f}x less** | | | |")
     return "\n".join(lines)
 
 
@@ -317,7 +329,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     parser.add_argument("--top", type=int, default=15, help="also list the N ops with the most self time")
-    parser.add_argument("--baseline", help="a baseline tree (e.g. an export of main) to compare steps/s with")
+    parser.add_argument(
+        "--baseline", action="append", help="a baseline tree (e.g. an export of main) to compare with; repeatable"
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tree", default=str(THIS_ROOT), help="the tree compared with --baseline (default: this one)")
     parser.add_argument("--extra", action="append", default=[], help="one more CLI argument for the fit")

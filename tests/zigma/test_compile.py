@@ -153,7 +153,7 @@ def test_torch_scan_custom_ops_pass_opcheck(options):
     torch.library.opcheck(FWD_OP, (*args, options, block))
 
     detached = [x.detach() if x is not None else None for x in args]
-    out, _, states, y = FWD_OP(*detached, options, block)
+    out, _, states, y, *_ = FWD_OP(*detached, options, block)
     bwd = torch.ops.zigma.selective_scan_torch_bwd.default
     torch.library.opcheck(bwd, (torch.randn_like(out), *detached, states, y, options, block))
     # and the public wrapper is differentiable through the op

@@ -183,8 +183,62 @@ def test_chunk_parallel_custom_ops_pass_opcheck():
     utils = ("test_schema", "test_autograd_registration", "test_faketensor")  # AOT dispatch: test_compile.py
     torch.library.opcheck(fwd, (*args, True, 3, True), test_utils=utils)
     detached = [x.detach() for x in args]
-    out, _, states, y = fwd(*detached, True, 3, True)
+    out, _, states, y, *_ = fwd(*detached, True, 3, True)
     torch.library.opcheck(bwd, (torch.randn_like(out), *detached, states, y, True, 3, True), test_utils=utils)
+
+
+@pytest.mark.parametrize(("has_d", "has_z", "has_bias"), [(True, True, True), (False, False, False)])
+def test_kept_states_give_the_recompute_paths_outputs_and_gradients_bit_for_bit(monkeypatch, has_d, has_z, has_bias):
+    """The CPU forward keeps every step's dA and h for backward up to ``_KEEP_STATES_ELEMENTS``; backward then reads
+    them instead of re-running ``_states`` per block. Same ops in the same order, so nothing may differ by a bit
+    (4 blocks of 5 steps and a partial one of 2)."""
+    inputs = make_inputs(batch=2, dim=6, seqlen=22, n_state=4, dtype=torch.float32, has_d=has_d, has_z=has_z,
+                         has_bias=has_bias, channel_last=True)  # fmt: skip
+    monkeypatch.setattr(scan_torch, "_BLOCK_ELEMENTS", 5 * 2 * 4 * 6)
+    states, calls = scan_torch._states, []
+    monkeypatch.setattr(scan_torch, "_states", lambda *args: calls.append(args[0].shape[0]) or states(*args))
+    results = {}
+    for limit in (0, 2 * 22 * 4 * 6):  # recompute, then keep (the volume is exactly at the limit)
+        monkeypatch.setattr(scan_torch, "_KEEP_STATES_ELEMENTS", limit)
+        calls.clear()
+        results[limit] = run(selective_scan_torch, inputs, grad_out=torch.ones(2, 6, 22), delta_softplus=True)
+        assert calls == ([5, 5, 5, 5, 2] if limit else [5, 5, 5, 5, 2, 2, 5, 5, 5, 5]), limit
+    (out_r, last_r, grads_r, _), (out_k, last_k, grads_k, _) = results.values()
+    torch.testing.assert_close(out_k, out_r, rtol=0, atol=0)
+    torch.testing.assert_close(last_k, last_r, rtol=0, atol=0)
+    for name, g_r, g_k in zip(["u", "delta", "A", "B", "C", "D", "z", "delta_bias"], grads_r, grads_k):
+        assert (g_r is None) == (g_k is None), name
+        if g_r is not None:
+            torch.testing.assert_close(g_k, g_r, rtol=0, atol=0, msg=lambda m, n=name: f"grad {n}: {m}")
+
+
+def test_states_are_kept_on_the_cpu_path_for_a_backward_up_to_the_limit_only():
+    limit = scan_torch._KEEP_STATES_ELEMENTS
+    quickstart = {"batch": 32, "n_state": 8, "dim": 256, "seqlen": 64}  # 4 M elements
+    assert scan_torch._keeps_states(**quickstart, chunk_parallel=False, needs_grad=True)
+    assert not scan_torch._keeps_states(**quickstart, chunk_parallel=True, needs_grad=True)
+    assert not scan_torch._keeps_states(**quickstart, chunk_parallel=False, needs_grad=False)
+    assert scan_torch._keeps_states(limit, 1, 1, 1, chunk_parallel=False, needs_grad=True)
+    assert not scan_torch._keeps_states(limit + 1, 1, 1, 1, chunk_parallel=False, needs_grad=True)
+    inputs = make_inputs(batch=2, dim=4, seqlen=7, n_state=3, dtype=torch.float32)
+    with torch.no_grad():  # inference keeps nothing: the op is called with keep_states=False
+        out = selective_scan_torch(*inputs, delta_softplus=True)
+    torch.testing.assert_close(out, selective_scan_torch(*inputs, delta_softplus=True), rtol=0, atol=0)
+
+
+def test_custom_ops_with_kept_states_pass_opcheck():
+    """The ``keep_states`` flag, the two kept outputs and their use by backward through schema (which also checks
+    that backward does not write into its inputs, the kept tensors among them), fake and autograd registrations."""
+    u, delta, A, B, C, D, z, bias = make_inputs(batch=2, dim=4, seqlen=7, n_state=3, dtype=torch.float32)
+    args = [x.requires_grad_() for x in (u, delta, A, B, C, D, z, bias)]
+    fwd, bwd = torch.ops.zigma.selective_scan_torch_fwd.default, torch.ops.zigma.selective_scan_torch_bwd.default
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")  # AOT dispatch: test_compile.py
+    torch.library.opcheck(fwd, (*args, True, 3, False, True), test_utils=utils)
+    detached = [x.detach() for x in args]
+    out, _, states, y, decays, kept = fwd(*detached, True, 3, False, True)
+    assert decays.shape == kept.shape == (7, 2, 3, 4)
+    bwd_args = (torch.randn_like(out), *detached, states, y, True, 3, False, decays, kept)
+    torch.library.opcheck(bwd, bwd_args, test_utils=utils)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
