@@ -87,7 +87,7 @@ def test_resumed_run_trains_with_the_new_lr_and_says_so(trained, tmp_path, caplo
     result = run("fit", *QUICKSTART, "--ckpt_path", str(trained), "--trainer.max_steps", "3", "--model.lr", "0.001",
                  "--model.ema_decay", "0.9", save_dir=tmp_path)  # fmt: skip
     (changed,) = [r.getMessage() for r in caplog.records if "take effect" in r.getMessage()]
-    assert changed.endswith("take effect: lr: 0.002 -> 0.001, ema_decay: 0.99 -> 0.9"), changed
+    assert changed.endswith("take effect: lr: 0.004 -> 0.001, ema_decay: 0.99 -> 0.9"), changed
     # the optimizer and the schedule follow the new lr (Lightning restored the old ones from the checkpoint)
     optimizer = result.trainer.optimizers[0]
     assert [g["initial_lr"] for g in optimizer.param_groups] == [0.001, 0.001]
@@ -132,7 +132,7 @@ def test_the_quickstart_config_does_not_fit_a_tiny_checkpoint(trained, tmp_path,
     """A config whose architecture differs is refused too, naming every conflict and where the run's config is."""
     line = refused(capsys, "predict", "--config", "configs/quickstart.yaml", "--ckpt_path", str(trained),
                    save_dir=tmp_path)  # fmt: skip
-    assert "model.net.embed_dim=128 (checkpoint: 16), model.net.depth=6 (checkpoint: 2)" in line
+    assert "model.net.embed_dim=128 (checkpoint: 16), model.net.depth=4 (checkpoint: 2)" in line
     assert f"(its run's settings: {trained.parent.parent / 'config.yaml'})" in line
 
 
