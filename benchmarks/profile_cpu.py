@@ -309,7 +309,7 @@ def compare(args) -> str:
     for name, runs in results.items():
         rate = statistics.median(r["steps"] / r["wall"] for r in runs)
         cpu = statistics.median(r["cpu"] / r["steps"] * 1e3 for r in runs)
-        rss = statistics.median(r.get("peak_rss_mib", float("nan")) for r in runs)
+        rss = statistics.median(r["peak_rss_mib"] for r in runs)
         medians[name] = (rate, cpu)
         each = ", ".join(f"{r['steps'] / r['wall']:.2f}" for r in runs)
         each_cpu = ", ".join(f"{r['cpu'] / r['steps'] * 1e3:.0f}" for r in runs)
