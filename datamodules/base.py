@@ -88,19 +88,35 @@ class ZigMaDataModule(L.LightningDataModule):
                           tuple(pixel_shape) if pixel_shape is not None else None, self.num_classes,
                           self.context_dim, self.vae_scale)  # fmt: skip
 
+    def shards_manifest(self) -> dict | None:
+        """The validated manifest of the data's shards: ``data.manifest`` if named, else the one beside the shards
+        (``datamodules.manifest.read_manifest``); read once per DataModule (a URL is fetched once). None without
+        shards or a named manifest, or for shards that carry none (e.g. upstream's).
+
+        Raises:
+            FileNotFoundError: a named ``data.manifest`` is missing.   ValueError: a manifest is invalid.
+        """
+        if not hasattr(self, "_shards_manifest"):
+            from datamodules.manifest import read_manifest
+
+            named, shards = getattr(self, "manifest", None), getattr(self, "shards", None)
+            try:
+                self._shards_manifest = read_manifest(named or shards) if (named or shards) else None
+            except FileNotFoundError:
+                if named is not None:
+                    raise
+                self._shards_manifest = None
+        return self._shards_manifest
+
     def check_manifest(self, **model_facts) -> None:
         """Shards made by ``datamodules.prepare`` carry a manifest: raise ValueError when the model's facts
         (``FlowMatchingModule.manifest_facts``: sample shape, VAE config, classes, caption width) differ from it.
         Data without shards or without a manifest (e.g. upstream's shards) is not checked."""
-        shards = getattr(self, "shards", None)
-        if not shards:
+        manifest = self.shards_manifest() if getattr(self, "shards", None) else None
+        if manifest is None:
             return
-        from datamodules.manifest import check_manifest, read_manifest
+        from datamodules.manifest import check_manifest
 
-        try:
-            manifest = read_manifest(getattr(self, "manifest", None) or shards)  # data.manifest, else beside them
-        except FileNotFoundError:
-            return
         # the same VAE may live elsewhere on this machine; check_manifest's message names the manifest already
         check_manifest(manifest, **model_facts, ignore_vae_keys=("name_or_path", "subfolder"))
 

@@ -74,7 +74,6 @@ from datamodules.base import DataYields, ZigMaDataModule
 from datamodules.decoding import SampleDecoder
 from datamodules.errors import ResumeSettingsError
 from datamodules.images import batches_of
-from datamodules.manifest import read_manifest
 from datamodules.shards import (
     BadSampleBudget,
     equal_batch_quotas,
@@ -149,7 +148,7 @@ class ShardDataModule(ZigMaDataModule):
             self.shards, self.val_shards, self.unavailable = [], None, err
         self.manifest = manifest
         if manifest is not None:
-            read_manifest(manifest)  # a named manifest must be there: one line naming it now, not at the first epoch
+            self.shards_manifest()  # a named manifest must be there: one line naming it now, not at the first epoch
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.shuffle_buffer = shuffle_buffer
@@ -163,7 +162,7 @@ class ShardDataModule(ZigMaDataModule):
         if self.unavailable is not None:
             return  # no shapes (``decoder.shapes`` stays empty): predict only
         if self.decoder.kind in ("latent", "video"):
-            self.latent_scale, self.vae_scale = resolve_latent_scale(manifest or self.shards, latent_scale)
+            self.latent_scale, self.vae_scale = resolve_latent_scale(self.shards_manifest(), latent_scale)
             self.decoder.latent_scale = self.latent_scale
         self.decoder.expect(self._probe(self.shards))
 
@@ -539,8 +538,10 @@ def recorded_latent_scale(manifest: Mapping[str, Any]) -> tuple[float, float] | 
     return (1.0, scale) if manifest.get("latent_scaled") else (scale, scale)
 
 
-def resolve_latent_scale(shards: Sequence[str], latent_scale: float | None) -> tuple[float, float | None]:
-    """(factor the raw shard latents are multiplied by, VAE scale of the result or None where unknown).
+def resolve_latent_scale(manifest: Mapping[str, Any] | None, latent_scale: float | None) -> tuple[float, float | None]:
+    """(factor the raw shard latents are multiplied by, VAE scale of the result or None where unknown), from the
+    shards' manifest (``ZigMaDataModule.shards_manifest``; None: shards not written by ``datamodules.prepare``, e.g.
+    upstream's).
 
     With a manifest that records a VAE, the factor is the manifest's (see :func:`recorded_latent_scale`); a set
     ``latent_scale`` must equal it. Without one, ``latent_scale`` or upstream's ``SD_LATENT_SCALE``; a factor of 1.0
@@ -549,10 +550,7 @@ def resolve_latent_scale(shards: Sequence[str], latent_scale: float | None) -> t
     Raises:
         ValueError: ``latent_scale`` disagrees with the manifest (one line naming both values).
     """
-    try:
-        recorded = recorded_latent_scale(read_manifest(shards))
-    except FileNotFoundError:  # shards not written by datamodules.prepare (e.g. upstream's)
-        recorded = None
+    recorded = recorded_latent_scale(manifest) if manifest is not None else None
     if recorded is None:
         factor = SD_LATENT_SCALE if latent_scale is None else float(latent_scale)
         return factor, (factor if factor != 1.0 else None)

@@ -140,6 +140,19 @@ def test_http_and_pipe_shards_give_the_local_batches_with_counts_from_the_manife
     assert len(batches(epoch_length.train_dataloader())) == 2  # no counts needed
 
 
+def test_the_manifest_of_url_shards_is_fetched_once_per_datamodule(make_shards, serve):
+    local = make_shards([8, 8])
+    directory = Path(local[0]).parent
+    write_counts_manifest(directory, {Path(p).name: 8 for p in local})
+    base, requested = serve(directory)
+    spec = f"{base}/train-{{000000..000001}}.tar"
+    for manifest in (None, f"{base}/manifest.json"):  # beside the shards, or named with data.manifest
+        requested.clear()
+        dm = WebDataModule(spec, manifest=manifest, batch_size=4, num_workers=0, latent_scale=1)
+        assert dm.shards_manifest() is dm.shards_manifest() and dm.shards_manifest()["splits"]
+        assert requested.count("/manifest.json") == 1  # construction (named check, latent scale) and later calls
+
+
 def test_a_resumed_url_stream_continues_exactly(make_shards):
     local = make_shards([8, 8, 8, 5])
     spec = f"pipe:cat {Path(local[0]).parent}/train-{{000000..000003}}.tar"
